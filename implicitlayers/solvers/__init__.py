@@ -1,0 +1,13 @@
+"""Batched quasi-Newton and fixed-point solvers sharing one loop (`_loop.iterate`)."""
+
+from ._base import IterativeSolver as IterativeSolver
+from ._config import SolverConfig as SolverConfig
+from ._functional import FunctionalSolution as FunctionalSolution
+from ._functional import fixed_point as fixed_point
+from ._functional import root as root
+from ._info import SolveInfo as SolveInfo
+from ._info import apply_failure_policy as apply_failure_policy
+from .anderson import Anderson as Anderson
+from .broyden import Broyden as Broyden
+from .fixed_point_iteration import FixedPointIteration as FixedPointIteration
+from .scipy_root import ScipyRoot as ScipyRoot

@@ -1,0 +1,87 @@
+"""`fixed_point` and `root`: the functional entry points on batched tensors."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from ._info import SolveInfo
+from .anderson import Anderson
+from .broyden import Broyden
+
+__all__ = ["FunctionalSolution", "fixed_point", "root"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionalSolution:
+    """The result of `fixed_point` or `root`: `value` has the shape of `z0`; `info` is per sample."""
+
+    value: torch.Tensor
+    info: SolveInfo
+
+
+def _check_start(z0: object, who: str) -> torch.Tensor:
+    if not isinstance(z0, torch.Tensor):
+        raise TypeError(f"{who}: z0 must be a torch.Tensor of shape (B, ...), got {type(z0).__name__}.")
+    if z0.dim() < 1 or z0.shape[0] == 0:
+        raise ValueError(f"{who}: z0 must have a non-empty leading batch dimension, got shape {tuple(z0.shape)}.")
+    if not z0.is_floating_point():
+        raise TypeError(f"{who}: z0 must be a floating-point tensor, got {z0.dtype}.")
+    return z0
+
+
+def _flat_residual(fn: Callable[[torch.Tensor], torch.Tensor], shape: torch.Size, who: str, fixed: bool):
+    def residual(w: torch.Tensor) -> torch.Tensor:
+        z = w.reshape(shape)
+        out = fn(z)
+        if not isinstance(out, torch.Tensor) or out.shape != shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"{who}: the function returned {got} for an input of shape {tuple(shape)}; it must return the same shape.")
+        out = out.reshape(shape[0], -1)
+        return w - out if fixed else out
+
+    return residual
+
+
+def _solve(fn, z0, solver, who: str, fixed: bool) -> FunctionalSolution:
+    z0 = _check_start(z0, who)
+    if not callable(fn):
+        raise TypeError(f"{who}: the first argument must be callable, got {type(fn).__name__}.")
+    if not hasattr(solver, "solve"):
+        raise TypeError(f"{who}: solver must be an implicitlayers solver (e.g. il.Anderson()), got {type(solver).__name__}.")
+    residual = _flat_residual(fn, z0.shape, who, fixed)
+    with torch.no_grad():
+        w, info = solver.solve(residual, z0.detach().reshape(z0.shape[0], -1), name=who)
+    return FunctionalSolution(value=w.reshape(z0.shape), info=info)
+
+
+def fixed_point(
+    f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, solver=None
+) -> FunctionalSolution:
+    """Solve `z = f(z)` per sample from `z0` (no gradient; see `ImplicitLayer` for differentiable solves).
+
+    Args:
+        f: batched map `(B, ...) -> (B, ...)`; samples must not interact.
+        z0: the start, `(B, ...)`.
+        solver: any solver (default `Anderson()`); its residual is `z − f(z)`.
+
+    Returns:
+        `FunctionalSolution` with `.value` (shape of `z0`) and `.info` (`SolveInfo`).
+    """
+    return _solve(f, z0, solver or Anderson(), "fixed_point", fixed=True)
+
+
+def root(g: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, solver=None) -> FunctionalSolution:
+    """Solve `g(z) = 0` per sample from `z0` (no gradient).
+
+    Picard and Anderson iterate the map `z ← z − g(z)`, so they suit `g` whose Jacobian is near the
+    identity; Broyden (the default) suits any smooth `g`.
+
+    Args:
+        g: batched function `(B, ...) -> (B, ...)`, the same shape as its input.
+        z0: the start, `(B, ...)`.
+        solver: any solver (default `Broyden()`).
+    """
+    return _solve(g, z0, solver or Broyden(), "root", fixed=False)

@@ -1,0 +1,39 @@
+"""Damped Picard iteration: w ← w − damping · P ⊙ R(w)."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import torch
+
+from ._base import IterativeSolver
+
+__all__ = ["FixedPointIteration"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FixedPointIteration(IterativeSolver):
+    """Damped fixed-point (Picard) iteration.
+
+    For `il.fixed_point(f, z0)` one step is `z ← z + damping · (f(z) − z)`.
+
+    Args:
+        damping: step fraction in (0, 1]; smaller is slower but more stable.
+    """
+
+    damping: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.damping, (int, float)) or not 0 < self.damping <= 1:
+            raise ValueError(f"FixedPointIteration: damping must lie in (0, 1], got {self.damping!r}.")
+
+    def init(self, fn, w, r, precond):
+        return SimpleNamespace(w=w, r=r, precond=precond)
+
+    def step(self, fn, state, frozen):
+        update = state.r if state.precond is None else state.r * state.precond
+        w = torch.where(frozen[:, None], state.w, state.w - self.damping * update)
+        state.w, state.r = w, fn(w)
+        return state
