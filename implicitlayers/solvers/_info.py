@@ -60,7 +60,8 @@ def apply_failure_policy(info: SolveInfo, *, name: str, tol: float, max_iter: in
     failed = ~info.converged
     if not bool(failed.any()):
         return
-    res = torch.where(torch.isfinite(info.residual), info.residual, torch.full_like(info.residual, float("inf")))
+    residual = info.residual.detach()
+    res = torch.where(torch.isfinite(residual), residual, torch.full_like(residual, float("inf")))
     worst = int(torch.argmax(res))
     n_failed = int(failed.sum())
     advice = hint or (
@@ -69,7 +70,7 @@ def apply_failure_policy(info: SolveInfo, *, name: str, tol: float, max_iter: in
     )
     message = (
         f"{name}: {n_failed}/{failed.numel()} samples did not converge within max_iter={max_iter} "
-        f"(tol={tol:g}); worst residual {float(info.residual[worst]):.3g} at sample {worst}. Try: {advice}."
+        f"(tol={tol:g}); worst residual {float(residual[worst]):.3g} at sample {worst}. Try: {advice}."
     )
     if on_failure == "raise":
         raise ConvergenceError(message)

@@ -1,0 +1,1 @@
+"""Built-in instances of `ImplicitLayer`: DEQ, JIIO, iMAML, LyaDEQ."""

@@ -1,0 +1,229 @@
+"""Declaring implicit problems: nodes, defining conditions, and the validated graph of blocks."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Sequence
+
+import networkx as nx
+
+from .sets import ConstraintSet
+
+__all__ = ["Node", "Input", "Variable", "Condition", "FixedPoint", "Root", "Minimize", "Maximize", "Problem"]
+
+
+class Node:
+    """A named node of a problem graph (an `Input` or a `Variable`)."""
+
+    def __init__(self, name: str) -> None:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"{type(self).__name__}: the name must be a Python identifier string, got {name!r}.")
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class Input(Node):
+    """A tensor given when the layer is called (leading batch dimension B)."""
+
+
+class Variable(Node):
+    """An unknown tensor (leading batch dimension B) defined by exactly one condition."""
+
+
+def _check_positive(owner: str, what: str, value: float, upper: float | None = None) -> None:
+    if not isinstance(value, (int, float)) or value <= 0 or (upper is not None and value > upper):
+        bound = f" and at most {upper}" if upper is not None else ""
+        raise ValueError(f"{owner}: {what} must be positive{bound}, got {value!r}.")
+
+
+class Condition:
+    """The defining condition of one variable: `fn(*args)` relates it to the nodes it reads.
+
+    Args:
+        variable: the `Variable` this condition defines.
+        fn: the function, called with the tensors of `args` in order.
+        args: every node `fn` reads (it may include `variable` itself).
+    """
+
+    kind = "condition"
+
+    def __init__(self, variable: Variable, fn: Callable, args: Sequence[Node]) -> None:
+        if not isinstance(variable, Variable):
+            raise TypeError(f"{type(self).__name__}: the first argument must be an il.Variable, got {variable!r}.")
+        if not callable(fn):
+            raise TypeError(f"{type(self).__name__}({variable.name}): fn must be callable, got {type(fn).__name__}.")
+        if isinstance(args, Node):
+            args = (args,)
+        args = tuple(args)
+        for a in args:
+            if not isinstance(a, Node):
+                raise TypeError(
+                    f"{type(self).__name__}({variable.name}): every argument must be an il.Input or il.Variable, got {a!r}."
+                )
+        self.variable, self.fn, self.args = variable, fn, args
+        _check_arity(self)
+
+    @property
+    def is_equation(self) -> bool:
+        """Whether the condition is an equation (`FixedPoint`/`Root`) rather than an objective."""
+        return isinstance(self, (FixedPoint, Root))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.variable.name}, args=({', '.join(a.name for a in self.args)}))"
+
+
+def _check_arity(cond: Condition) -> None:
+    try:
+        sig = inspect.signature(cond.fn)
+    except (TypeError, ValueError):
+        return  # builtins and some C functions have no signature; checked at call time instead
+    try:
+        sig.bind(*([None] * len(cond.args)))
+    except TypeError:
+        raise TypeError(
+            f"{type(cond).__name__}({cond.variable.name}): fn takes {sig} but args lists {len(cond.args)} nodes "
+            f"({', '.join(a.name for a in cond.args)}); list every node the function reads, in order."
+        ) from None
+
+
+class FixedPoint(Condition):
+    """`v = f(*args)`; residual `v − f(*args)`.
+
+    Args:
+        damping: the fixed-point map's step `v ← v + damping · (f − v)` (Picard/Anderson), in (0, 1].
+    """
+
+    kind = "fixed point"
+
+    def __init__(self, variable: Variable, f: Callable, args: Sequence[Node], *, damping: float = 1.0) -> None:
+        super().__init__(variable, f, args)
+        _check_positive(f"FixedPoint({variable.name})", "damping", damping, upper=1.0)
+        self.damping = float(damping)
+
+
+class Root(Condition):
+    """`g(*args) = 0`, where `g` returns a tensor shaped like `v`; residual `g(*args)`.
+
+    Args:
+        damping: the map's step `v ← v − damping · g` (Picard/Anderson); Broyden does not need it.
+    """
+
+    kind = "root"
+
+    def __init__(self, variable: Variable, g: Callable, args: Sequence[Node], *, damping: float = 1.0) -> None:
+        super().__init__(variable, g, args)
+        _check_positive(f"Root({variable.name})", "damping", damping)
+        self.damping = float(damping)
+
+
+class Minimize(Condition):
+    """`v ∈ argmin_v L(*args)` over an optional constraint set; `L` returns one value per sample, `(B,)`.
+
+    With `total=True` (default), when `L` reads variables that the same block defines by equations
+    depending on `v`, `v` minimises the *total* objective: the compiler adds adjoint variables
+    (the KKT system of the design). `total=False` holds those variables fixed (partial, Nash-style
+    stationarity).
+
+    Args:
+        constraint: an `il.sets` set; the residual becomes `v − Π(v − step_size · ∇)`.
+        total: total (KKT) or partial semantics.
+        step_size: the gradient step α of the fixed-point map `v ← Π(v − α ∇)`.
+        adjoint_damping: damping of the adjoint map `μ ← μ + β (Jᵀμ + ∂L/∂z − μ)`.
+    """
+
+    kind = "minimize"
+    sign = 1.0
+
+    def __init__(
+        self,
+        variable: Variable,
+        objective: Callable,
+        args: Sequence[Node],
+        constraint: ConstraintSet | None = None,
+        *,
+        total: bool = True,
+        step_size: float = 0.1,
+        adjoint_damping: float = 1.0,
+    ) -> None:
+        super().__init__(variable, objective, args)
+        name = f"{type(self).__name__}({variable.name})"
+        if constraint is not None and not isinstance(constraint, ConstraintSet):
+            raise TypeError(f"{name}: constraint must be an il.sets set (Box, L2Ball, LInfBall), got {constraint!r}.")
+        _check_positive(name, "step_size", step_size)
+        _check_positive(name, "adjoint_damping", adjoint_damping, upper=1.0)
+        self.constraint, self.total = constraint, bool(total)
+        self.step_size, self.adjoint_damping = float(step_size), float(adjoint_damping)
+
+
+class Maximize(Minimize):
+    """`v ∈ argmax_v L(*args)`: `Minimize` of `−L`, with the same options."""
+
+    kind = "maximize"
+    sign = -1.0
+
+
+class Problem:
+    """A validated set of conditions: the graph of nodes and its blocks (strongly connected components).
+
+    Args:
+        conditions: one condition per variable.
+
+    Attributes:
+        graph: `networkx.DiGraph` over node names, edge `u → v` when `u` is an argument of `v`'s condition.
+        blocks: lists of variable names, in an order in which every block only reads earlier ones.
+        inputs: the `Input` nodes the conditions read, by name.
+        variables: the `Variable` nodes, by name.
+    """
+
+    def __init__(self, conditions: Sequence[Condition]) -> None:
+        if isinstance(conditions, Condition):
+            conditions = [conditions]
+        conditions = list(conditions)
+        if not conditions:
+            raise ValueError("Problem: give at least one condition (FixedPoint, Root, Minimize or Maximize).")
+        self.conditions: dict[str, Condition] = {}
+        nodes: dict[str, Node] = {}
+        for cond in conditions:
+            if not isinstance(cond, Condition):
+                raise TypeError(f"Problem: every entry must be a condition (il.FixedPoint, ...), got {cond!r}.")
+            for node in (cond.variable, *cond.args):
+                other = nodes.setdefault(node.name, node)
+                if other is not node:
+                    raise ValueError(
+                        f"Problem: two different nodes are named {node.name!r} ({other!r} and {node!r}); names must be unique."
+                    )
+            if cond.variable.name in self.conditions:
+                raise ValueError(
+                    f"Problem: variable {cond.variable.name!r} has two conditions ({self.conditions[cond.variable.name]!r} "
+                    f"and {cond!r}); each variable needs exactly one."
+                )
+            self.conditions[cond.variable.name] = cond
+        self.variables = {n: v for n, v in nodes.items() if isinstance(v, Variable)}
+        self.inputs = {n: v for n, v in nodes.items() if isinstance(v, Input)}
+        undefined = sorted(set(self.variables) - set(self.conditions))
+        if undefined:
+            raise ValueError(
+                f"Problem: variable(s) {undefined} are read but have no defining condition; "
+                "add a FixedPoint/Root/Minimize for each, or declare them as il.Input."
+            )
+        self.graph = nx.DiGraph()
+        self.graph.add_nodes_from(nodes)
+        for cond in self.conditions.values():
+            self.graph.add_edges_from((a.name, cond.variable.name) for a in cond.args)
+        variable_graph = self.graph.subgraph(self.variables)
+        condensed = nx.condensation(variable_graph)
+        self.blocks: list[list[str]] = [
+            sorted(condensed.nodes[c]["members"], key=list(self.conditions).index) for c in nx.topological_sort(condensed)
+        ]
+
+    def block_of(self, name: str) -> int:
+        """The index of the block that solves variable `name`."""
+        for i, block in enumerate(self.blocks):
+            if name in block:
+                return i
+        raise KeyError(f"Problem: no variable named {name!r}; variables are {sorted(self.variables)}.")
+
+    def __repr__(self) -> str:
+        return f"Problem(blocks={self.blocks}, inputs={sorted(self.inputs)})"

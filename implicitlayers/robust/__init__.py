@@ -1,0 +1,40 @@
+"""Attacks and robust training for implicit models.
+
+Everything here takes a classifier `model(x) -> logits`, an `nn.Module` or any callable, so it applies
+to a DEQ, a LyaDEQ or an ordinary network alike. Inputs live in `[0, 1]` by default (`clamp=(0, 1)`);
+pass `clamp=None` for unbounded features. Norms, projections and step directions are per sample.
+
+- Attacks: [`fgsm`][implicitlayers.robust.fgsm] and [`pgd`][implicitlayers.robust.pgd], ℓ∞ and ℓ2,
+  random start. Attacks run the model in eval mode (its modes are restored afterwards) and differentiate
+  with respect to the input only, so they never touch parameters' `.grad`.
+- Evaluation: [`accuracy`][implicitlayers.robust.accuracy] and
+  [`robust_accuracy`][implicitlayers.robust.robust_accuracy] (`{eps: accuracy}`, `0.0` clean).
+- Training: [`trades_loss`][implicitlayers.robust.trades_loss] (TRADES) and
+  [`adversarial_loss`][implicitlayers.robust.adversarial_loss] (PGD adversarial training).
+
+**Attack gradients for implicit models.** By default the attack differentiates `model` itself, so for
+a DEQ the input gradient is whatever its backward mode gives: the exact implicit gradient (IFT), a
+phantom gradient, or backpropagation through unrolled iterations. Yang et al. (ICML 2023) show that
+gradients taken at *intermediate* solver states, or through a few unrolled damped steps, often make
+stronger attacks on DEQs than the exact gradient at the fixed point. `grad_model=` supplies such a
+surrogate: the attack follows its gradient while `model` remains the classifier under attack (and, with
+`pgd(..., select="best")`, chooses per sample the iterate that does most harm to `model`).
+
+```python
+import implicitlayers.robust as robust
+
+x_adv = robust.pgd(model, x, y, eps=0.1, steps=20)                       # ℓ∞ PGD-20
+x_adv = robust.pgd(model, x, y, eps=0.1, grad_model=lambda x: model(x, max_iter=4), select="best")
+acc = robust.robust_accuracy(model, (X_test, y_test), attack="pgd", eps_list=[0.05, 0.1, 0.2])
+loss = robust.trades_loss(model, x, y, eps=0.1, beta=6.0)                 # then loss.backward()
+```
+"""
+
+from ._attacks import fgsm as fgsm
+from ._attacks import pgd as pgd
+from ._evaluate import accuracy as accuracy
+from ._evaluate import robust_accuracy as robust_accuracy
+from ._training import adversarial_loss as adversarial_loss
+from ._training import trades_loss as trades_loss
+
+__all__ = ["accuracy", "adversarial_loss", "fgsm", "pgd", "robust_accuracy", "trades_loss"]

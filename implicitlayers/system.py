@@ -1,0 +1,202 @@
+"""A block of a problem compiled into one packed residual `R(w)` (and map `F(w) = w − P ⊙ R(w)`).
+
+The block's unknown `w` is a flat `(B, D)` tensor packing, in order, the block's variables and the
+adjoint variables of its total objectives. For a total `Minimize(v, L)` with equations
+`c_e(E, v) = 0` in the block (`c = z − f` for a fixed point, `c = g` for a root), the adjoints
+`μ` (one per equation variable) and the stationarity conditions are the KKT system
+
+    R_μ = (∂c/∂E)ᵀ μ − ∂L/∂E          (for c = z − f:  μ − J_zᵀ μ − ∂L/∂z)
+    R_v = ∂L/∂v − (∂c/∂v)ᵀ μ          (for c = z − f:  ∂L/∂v + J_vᵀ μ)
+
+both read off one vector–Jacobian product of `φ = Σ_e ⟨μ_e, c_e⟩ − L`: `R_μ = ∇_E φ`, `R_v = −∇_v φ`.
+A constraint set replaces `R_v` by the natural residual `v − Π(v − α R_v)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping
+
+import torch
+
+from .problem import Condition, FixedPoint, Minimize, Problem
+
+__all__ = ["Slot", "BlockSystem"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """Where one variable (or adjoint) lives in the packed unknown."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    size: int
+    damping: float
+
+
+class BlockSystem:
+    """One block of a `Problem`, compiled for the given sample shapes of its variables.
+
+    Args:
+        problem: the validated problem.
+        index: which block.
+        shapes: per-sample shape of every variable of the block (without the batch dimension).
+    """
+
+    def __init__(self, problem: Problem, index: int, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self.index = index
+        self.names = list(problem.blocks[index])
+        self.name = f"block {index} ({', '.join(self.names)})"
+        self.conditions: list[Condition] = [problem.conditions[n] for n in self.names]
+        self.equations = [c for c in self.conditions if c.is_equation]
+        self.objectives = [c for c in self.conditions if not c.is_equation]
+        block_set = set(self.names)
+        eq_names = {c.variable.name for c in self.equations}
+        # A total objective needs adjoints when it reads, directly, an equation variable of this block.
+        self.total_objectives = [
+            c for c in self.objectives if c.total and self.equations and any(a.name in eq_names for a in c.args)
+        ]
+        slots: list[Slot] = []
+        offset = 0
+
+        def add(name: str, shape: tuple[int, ...], damping: float) -> None:
+            nonlocal offset
+            size = math.prod(shape)
+            slots.append(Slot(name, tuple(shape), offset, size, damping))
+            offset += size
+
+        for cond in self.conditions:
+            name = cond.variable.name
+            if isinstance(cond, Minimize):
+                damping = 1.0 if cond.constraint is not None else cond.step_size
+            else:
+                damping = cond.damping
+            add(name, tuple(shapes[name]), damping)
+        for obj in self.total_objectives:
+            for eq in self.equations:
+                add(self.adjoint_name(obj, eq), tuple(shapes[eq.variable.name]), obj.adjoint_damping)
+        self.slots = {s.name: s for s in slots}
+        self.dim = offset
+        self.reads = sorted({a.name for c in self.conditions for a in c.args} - block_set)
+        self.equation_slots = [self.slots[c.variable.name] for c in self.equations]
+
+    @staticmethod
+    def adjoint_name(objective: Condition, equation: Condition) -> str:
+        """The name of the adjoint of `equation` for `objective` (shown in `Solution.duals`)."""
+        return f"mu[{objective.variable.name}|{equation.variable.name}]"
+
+    # ----------------------------------------------------------------------------- packing
+    def pack(self, values: Mapping[str, torch.Tensor], batch: int) -> torch.Tensor:
+        """Flatten the named `(B, ...)` tensors into `(B, D)`; missing adjoints start at zero."""
+        parts = []
+        ref = next(iter(values.values()))
+        for slot in self.slots.values():
+            value = values.get(slot.name)
+            if value is None:
+                value = ref.new_zeros((batch, slot.size))
+            parts.append(value.reshape(batch, slot.size))
+        return torch.cat(parts, dim=1)
+
+    def unpack(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The named `(B, ...)` views of a packed `(B, D)` tensor."""
+        batch = w.shape[0]
+        return {s.name: w[:, s.offset : s.offset + s.size].reshape((batch, *s.shape)) for s in self.slots.values()}
+
+    def preconditioner(self, like: torch.Tensor) -> torch.Tensor | None:
+        """The `(D,)` diagonal `P` of the map `F(w) = w − P ⊙ R(w)`, or `None` when it is all ones."""
+        if all(s.damping == 1.0 for s in self.slots.values()):
+            return None
+        return torch.cat([like.new_full((s.size,), s.damping) for s in self.slots.values()])
+
+    def equation_indices(self, device: torch.device) -> torch.Tensor:
+        """Indices of the equation variables in the packed unknown (for first-order IFT)."""
+        return torch.cat([torch.arange(s.offset, s.offset + s.size, device=device) for s in self.equation_slots])
+
+    # ----------------------------------------------------------------------------- residual
+    def residual(
+        self,
+        w: torch.Tensor,
+        env: Mapping[str, torch.Tensor],
+        *,
+        create_graph: bool = False,
+        equations_only: bool = False,
+    ) -> torch.Tensor:
+        """The packed residual `R(w)` `(B, D)` (or only its equation rows, `(B, D_E)`).
+
+        Args:
+            w: the packed unknown.
+            env: the tensors of every node the block reads from outside (inputs, earlier blocks).
+            create_graph: keep the graph of the inner vector–Jacobian products (for the IFT, Phantom and
+                Unroll backward passes); otherwise the result is detached.
+            equations_only: skip the objectives (first-order IFT treats optimised variables as constants).
+        """
+        needs_vjp = not equations_only and bool(self.objectives)
+        with torch.enable_grad() if (needs_vjp or create_graph) else _nullcontext():
+            if needs_vjp and not w.requires_grad:
+                w = w.detach().requires_grad_()
+            values = self.unpack(w)
+            scope = {**env, **values}
+            batch = w.shape[0]
+            eq_residuals = {c.variable.name: self._equation_residual(c, scope) for c in self.equations}
+            blocks = dict(eq_residuals)
+            if not equations_only:
+                blocks.update(self._objective_residuals(values, scope, eq_residuals, create_graph))
+            out = torch.cat([blocks[s.name].reshape(batch, s.size) for s in self.slots.values() if s.name in blocks], 1)
+        return out if create_graph else out.detach()
+
+    def _equation_residual(self, cond: Condition, scope: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        name = cond.variable.name
+        out = cond.fn(*(scope[a.name] for a in cond.args))
+        target = scope[name]
+        if not isinstance(out, torch.Tensor) or out.shape != target.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"{type(cond).__name__}({name}) in {self.name}: the function returned {got} but {name} has shape "
+                f"{tuple(target.shape)}; it must return a tensor shaped like {name}."
+            )
+        return target - out if isinstance(cond, FixedPoint) else out
+
+    def _objective_value(self, cond: Minimize, scope: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        value = cond.fn(*(scope[a.name] for a in cond.args))
+        batch = scope[cond.variable.name].shape[0]
+        if not isinstance(value, torch.Tensor) or value.shape != (batch,):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"{type(cond).__name__}({cond.variable.name}) in {self.name}: the objective returned {got}; it must "
+                f"return one value per sample, shape ({batch},). Reduce over the non-batch dimensions (e.g. .sum(1))."
+            )
+        return cond.sign * value
+
+    def _objective_residuals(self, values, scope, eq_residuals, create_graph) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for cond in self.objectives:
+            v_name = cond.variable.name
+            v = values[v_name]
+            loss = self._objective_value(cond, scope)
+            if cond in self.total_objectives:
+                duals = [values[self.adjoint_name(cond, eq)] for eq in self.equations]
+                phi = sum((mu * eq_residuals[eq.variable.name]).sum() for mu, eq in zip(duals, self.equations)) - loss.sum()
+                wrt = [values[eq.variable.name] for eq in self.equations] + [v]
+                grads = torch.autograd.grad(phi, wrt, create_graph=create_graph, retain_graph=True, allow_unused=True)
+                grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, wrt)]
+                for eq, g in zip(self.equations, grads[:-1]):
+                    out[self.adjoint_name(cond, eq)] = g
+                gradient = -grads[-1]
+            else:
+                (g,) = torch.autograd.grad(loss.sum(), [v], create_graph=create_graph, retain_graph=True, allow_unused=True)
+                gradient = torch.zeros_like(v) if g is None else g
+            if cond.constraint is not None:
+                out[v_name] = v - cond.constraint.project(v - cond.step_size * gradient)
+            else:
+                out[v_name] = gradient
+        return out
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
