@@ -37,10 +37,14 @@ class IFT:
         first_order: treat optimised variables (`Minimize`/`Maximize`) as constants and differentiate only
             the block's equations, as the JIIO reference code does. Exact when the outer loss is the
             inner objective (envelope theorem), an approximation otherwise.
+        second_order: prepare exact double backward (`create_graph=True`, e.g. gradient penalties);
+            costs two more residual evaluations and one JVP per forward. Without it, double
+            backward through the IFT raises `NotImplementedError` rather than returning a wrong value.
     """
 
     solver: Any = None
     first_order: bool = False
+    second_order: bool = False
 
     def __post_init__(self) -> None:
         if self.solver is not None and not hasattr(self.solver, "solve_linear"):
@@ -87,7 +91,11 @@ def adjoint_solver(mode: IFT, forward_solver: Any) -> Any:
 
 
 class _ImplicitCorrection(torch.autograd.Function):
-    """Value 0; vector–Jacobian product `g ↦ −A⁻ᵀ g` with `A = ∂R/∂w` at the solution."""
+    """Value 0; vector–Jacobian product `g ↦ −A⁻ᵀ g` with `A = ∂R/∂w` at the solution.
+
+    Under double backward (`create_graph=True`, with `IFT(second_order=True)`) the VJP is itself
+    differentiable in `g`; the derivatives of `A` enter through the second-order term of `attach_ift`.
+    """
 
     @staticmethod
     def forward(y: torch.Tensor, adjoint: "AdjointProblem") -> torch.Tensor:
@@ -99,15 +107,46 @@ class _ImplicitCorrection(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return -ctx.adjoint.solve(grad), None
+        adjoint = ctx.adjoint
+        with torch.no_grad():
+            lam = adjoint.solve(grad)
+        if not torch.is_grad_enabled():
+            return -lam, None
+        if not adjoint.second_order:
+            raise NotImplementedError(
+                f"{adjoint.name}: double backward (create_graph=True) through the IFT needs "
+                "backward=il.IFT(second_order=True) (or use il.Unroll / il.Phantom)."
+            )
+        # A is held fixed here; its dependence on θ and w* enters through the second-order term of y
+        # (see `attach_ift`). The dependence on g is linear: λ = λ* + (A⁻ᵀ-Jacobian)(g − g*).
+        return -(lam + _InverseCorrection.apply(-grad, adjoint)), None
+
+
+class _InverseCorrection(torch.autograd.Function):
+    """Value 0; vector–Jacobian product `k ↦ −A⁻¹ k` (the transpose of `_ImplicitCorrection`'s)."""
+
+    @staticmethod
+    def forward(h: torch.Tensor, adjoint: "AdjointProblem") -> torch.Tensor:
+        return torch.zeros_like(h)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.adjoint = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if torch.is_grad_enabled():
+            raise NotImplementedError(f"{ctx.adjoint.name}: third-order derivatives through the IFT are not supported.")
+        return -ctx.adjoint.solve(grad, transpose=False), None
 
 
 @dataclasses.dataclass
 class AdjointProblem:
-    """The transposed linear system `Aᵀ λ = g` of a block at its solution, solved matrix-free.
+    """The linear systems `Aᵀ λ = g` (and `A x = k`) of a block at its solution, solved matrix-free.
 
     Args:
         residual: `w ↦ R(w)` with the block's outer tensors detached, differentiable in `w`.
+        second_order: whether double backward is prepared (`IFT(second_order=True)`).
         w_star: the detached solution.
         solver: linear or fixed-point solver.
         precond: the block's diagonal preconditioner (keeps the adjoint map as contractive as the forward one).
@@ -121,28 +160,77 @@ class AdjointProblem:
     precond: torch.Tensor | None
     name: str
     warm_start: Callable[[torch.Tensor], torch.Tensor] | None = None
+    second_order: bool = False
     info: Any = None
 
-    def solve(self, grad: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            raise NotImplementedError(
-                f"{self.name}: double backward (create_graph=True) through the IFT backward is not supported yet; "
-                "use backward=il.Unroll() or il.Phantom(...) for gradient penalties."
-            )
+    def linearized(self, v: torch.Tensor) -> torch.Tensor:
+        """`A v` with `A = ∂R/∂w` held constant (no derivative through `A`, even of captured parameters)."""
+        return _ConstantProduct.apply(v, self, False)
+
+    def _operator(self, transpose: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The matvec `v ↦ Aᵀ v` (VJP) or `v ↦ A v` (JVP by the double-VJP trick), at the solution."""
         with torch.enable_grad():
             w = self.w_star.detach().requires_grad_()
             r = self.residual(w)
+            if transpose:
 
-            def matvec(v: torch.Tensor) -> torch.Tensor:
-                (out,) = torch.autograd.grad(r, w, v, retain_graph=True, allow_unused=True)
-                return torch.zeros_like(v) if out is None else out
+                def matvec(v: torch.Tensor) -> torch.Tensor:
+                    (out,) = torch.autograd.grad(r, w, v, retain_graph=True, allow_unused=True)
+                    return torch.zeros_like(v) if out is None else out
 
-            with torch.no_grad():
-                x0 = self.warm_start(grad) if self.warm_start is not None else None
-                lam, self.info = self.solver.solve_linear(matvec, grad, x0, precond=self.precond, name=f"IFT backward of {self.name}")
-        return lam
+                return matvec
+            u = torch.zeros_like(r, requires_grad=True)
+            (vjp_u,) = torch.autograd.grad(r, w, u, create_graph=True, allow_unused=True)
+
+        def jvp(v: torch.Tensor) -> torch.Tensor:
+            if vjp_u is None:
+                return torch.zeros_like(v)
+            with torch.enable_grad():
+                (out,) = torch.autograd.grad(vjp_u, u, v, retain_graph=True, allow_unused=True)
+            return torch.zeros_like(v) if out is None else out
+
+        return jvp
+
+    def solve(self, rhs: torch.Tensor, transpose: bool = True) -> torch.Tensor:
+        """`A⁻ᵀ rhs` (default) or `A⁻¹ rhs`, matrix-free, with the failure policy of the solver."""
+        matvec = self._operator(transpose)
+        with torch.no_grad():
+            x0 = self.warm_start(rhs) if (self.warm_start is not None and transpose) else None
+            kind = "IFT backward" if transpose else "IFT double backward"
+            x, self.info = self.solver.solve_linear(matvec, rhs.detach(), x0, precond=self.precond, name=f"{kind} of {self.name}")
+        return x
 
 
-def attach_ift(y: torch.Tensor, w_star: torch.Tensor, adjoint: AdjointProblem) -> torch.Tensor:
-    """`w* + correction(y)`: the value of `w*`, the gradient of the IFT (see the module docstring)."""
-    return w_star.detach() + _ImplicitCorrection.apply(y, adjoint)
+class _ConstantProduct(torch.autograd.Function):
+    """`v ↦ A v` (or `Aᵀ v`) with `A` a constant: differentiable in `v` to any order, never through `A`."""
+
+    @staticmethod
+    def forward(v: torch.Tensor, adjoint: AdjointProblem, transpose: bool) -> torch.Tensor:
+        return adjoint._operator(transpose)(v.detach())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.adjoint, ctx.transpose = inputs[1], inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _ConstantProduct.apply(grad, ctx.adjoint, not ctx.transpose), None, None
+
+
+def attach_ift(
+    residual_theta: Callable[[torch.Tensor], torch.Tensor], w_star: torch.Tensor, adjoint: AdjointProblem
+) -> torch.Tensor:
+    """`w* + correction(y)`: the value of `w*`, the gradient of the IFT (see the module docstring).
+
+    `residual_theta` is `w ↦ R(w, θ)` with graph to every input and parameter.
+    With `adjoint.second_order`, `y` gains the zero-valued term
+    `T = R(w₁, θ) − R(w*, θ) − A (w₁ − w*)` with `w₁ = w* + correction(R(w*, θ))`, whose second
+    derivative is `2 R_wθ dw + R_ww dw dw`: exactly the terms of the second-order IFT that the
+    fixed-`A` correction leaves out, so gradient penalties are exact.
+    """
+    w_star = w_star.detach()
+    y = residual_theta(w_star)
+    if adjoint.second_order:
+        shift = _ImplicitCorrection.apply(y, adjoint)
+        y = y + (residual_theta(w_star + shift) - y - adjoint.linearized(shift))
+    return w_star + _ImplicitCorrection.apply(y, adjoint)

@@ -177,17 +177,17 @@ class ImplicitLayer(nn.Module):
             adjoint = AdjointProblem(
                 residual=lambda w_eq: system.residual(embed(w_eq), detached, create_graph=True, equations_only=True),
                 w_star=w_star[:, idx], solver=solver, precond=sub_precond, name=system.name,
-                warm_start=self._dual_warm_start(system, w_star, idx),
+                warm_start=self._dual_warm_start(system, w_star, idx), second_order=mode.second_order,
             )
-            y = system.residual(embed(w_star[:, idx]), outer, create_graph=True, equations_only=True)
-            out_eq = attach_ift(y, w_star[:, idx], adjoint)
+            out_eq = attach_ift(
+                lambda w_eq: system.residual(embed(w_eq), outer, create_graph=True, equations_only=True), w_star[:, idx], adjoint
+            )
             return w_star.detach().index_copy(1, idx, out_eq)
         adjoint = AdjointProblem(
             residual=lambda w: system.residual(w, detached, create_graph=True),
-            w_star=w_star, solver=solver, precond=precond, name=system.name,
+            w_star=w_star, solver=solver, precond=precond, name=system.name, second_order=mode.second_order,
         )
-        y = system.residual(w_star, outer, create_graph=True)
-        return attach_ift(y, w_star, adjoint)
+        return attach_ift(lambda w: system.residual(w, outer, create_graph=True), w_star, adjoint)
 
     @staticmethod
     def _dual_warm_start(system: BlockSystem, w_star: torch.Tensor, idx: torch.Tensor):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -58,7 +58,7 @@ def _solve(fn, z0, solver, who: str, fixed: bool) -> FunctionalSolution:
 
 
 def fixed_point(
-    f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, solver=None
+    f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, solver: Any = None
 ) -> FunctionalSolution:
     """Solve `z = f(z)` per sample from `z0` (no gradient; see `ImplicitLayer` for differentiable solves).
 
@@ -73,7 +73,7 @@ def fixed_point(
     return _solve(f, z0, solver or Anderson(), "fixed_point", fixed=True)
 
 
-def root(g: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, solver=None) -> FunctionalSolution:
+def root(g: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, solver: Any = None) -> FunctionalSolution:
     """Solve `g(z) = 0` per sample from `z0` (no gradient).
 
     Picard and Anderson iterate the map `z ← z − g(z)`, so they suit `g` whose Jacobian is near the
