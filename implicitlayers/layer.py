@@ -117,7 +117,7 @@ class ImplicitLayer(nn.Module):
         """Solve for the given inputs; returns the full `Solution` (every variable, per-block info)."""
         env = self._check_inputs(tensors)
         batch = tensors[0].shape[0]
-        ref = tensors[0]
+        ref = next(t for t in tensors if t.is_floating_point())  # starts take its dtype and device
         starts = {name: self._start(name, tensors, batch, ref) for name in self.problem.variables}
         infos: dict[str, SolveInfo] = {}
         duals: dict[str, torch.Tensor] = {}
@@ -239,8 +239,8 @@ class ImplicitLayer(nn.Module):
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"ImplicitLayer: input {name!r} contains NaN or Inf values.")
             env[name] = t
-        if first is not None and not first[1].is_floating_point():
-            raise TypeError(f"ImplicitLayer: input {first[0]!r} must be floating point, got {first[1].dtype}.")
+        if tensors and not any(t.is_floating_point() for t in tensors):
+            raise TypeError("ImplicitLayer: at least one input must be a floating-point tensor (it sets the dtype of the solve).")
         return env
 
     def _start(self, name: str, tensors: Sequence[torch.Tensor], batch: int, ref: torch.Tensor) -> torch.Tensor:
