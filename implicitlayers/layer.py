@@ -69,6 +69,8 @@ class ImplicitLayer(nn.Module):
         for node in inputs:
             if not isinstance(node, Input):
                 raise TypeError(f"ImplicitLayer: inputs must be il.Input nodes, got {node!r}.")
+        if not inputs:
+            raise ValueError("ImplicitLayer: give at least one input; the inputs set the batch size, dtype and device.")
         missing = sorted(set(problem.inputs) - {i.name for i in inputs})
         if missing:
             raise ValueError(f"ImplicitLayer: the problem reads input(s) {missing} that are not in inputs=; list them.")
