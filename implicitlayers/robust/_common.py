@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import Callable, Iterator, Literal, Optional, Tuple
 
 import torch
@@ -19,6 +20,7 @@ __all__ = [
     "check_batch",
     "check_clamp",
     "check_eps",
+    "check_logits",
     "check_norm",
     "check_positive_int",
     "check_step_size",
@@ -50,7 +52,7 @@ def check_norm(norm: object, who: str) -> str:
 
 
 def check_eps(eps: object, who: str) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"{who}: eps must be a number (the radius of the attack ball), got {type(eps).__name__}.")
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"{who}: eps must be a finite number >= 0 (the radius of the attack ball), got {eps}.")
@@ -64,7 +66,7 @@ def check_positive_int(value: object, name: str, who: str) -> int:
 
 
 def check_step_size(step_size: object, who: str) -> float:
-    if isinstance(step_size, bool) or not isinstance(step_size, (int, float)):
+    if isinstance(step_size, bool) or not isinstance(step_size, numbers.Real):
         raise TypeError(f"{who}: step_size must be a number or None, got {type(step_size).__name__}.")
     if not math.isfinite(step_size) or step_size <= 0:
         raise ValueError(f"{who}: step_size must be a finite number > 0, got {step_size}.")
@@ -81,7 +83,9 @@ def check_batch(x: object, y: object, who: str) -> torch.Tensor:
         raise TypeError(f"{who}: x must be a floating-point tensor (the attack moves it continuously), got {x.dtype}.")
     if isinstance(y, torch.Tensor) and (y.dim() == 0 or y.shape[0] != x.shape[0]):
         got = "a 0-d tensor" if y.dim() == 0 else f"{y.shape[0]} samples (shape {tuple(y.shape)})"
-        raise ValueError(f"{who}: x has {x.shape[0]} samples (shape {tuple(x.shape)}) but y has {got}; they must match.")
+        raise ValueError(
+            f"{who}: x has {x.shape[0]} samples (shape {tuple(x.shape)}) but y has {got}; they must match."
+        )
     return x
 
 

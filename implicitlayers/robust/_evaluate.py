@@ -54,7 +54,9 @@ def _correct(model: Classifier, x: torch.Tensor, y: torch.Tensor, who: str) -> i
     if logits.dim() != 2:
         raise ValueError(f"{who}: accuracy needs logits of shape (B, classes), got {tuple(logits.shape)}.")
     if y.shape != (x.shape[0],) or y.is_floating_point():
-        raise ValueError(f"{who}: accuracy needs integer class labels of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}.")
+        raise ValueError(
+            f"{who}: accuracy needs integer class labels of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}."
+        )
     return int((logits.argmax(dim=1) == y).sum())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -83,9 +84,9 @@ def trades_loss(
     steps = check_positive_int(steps, "steps", who)
     step_size = 2.5 * eps / steps if step_size is None else check_step_size(step_size, who)
     clamp = check_clamp(clamp, x, who)
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not math.isfinite(beta) or beta < 0:
         raise ValueError(f"{who}: beta must be a finite number >= 0, got {beta!r}.")
-    if not isinstance(start_std, (int, float)) or not math.isfinite(start_std) or start_std < 0:
+    if not isinstance(start_std, numbers.Real) or not math.isfinite(start_std) or start_std < 0:
         raise ValueError(f"{who}: start_std must be a finite number >= 0, got {start_std!r}.")
     x = x.detach()
 
