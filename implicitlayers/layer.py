@@ -107,6 +107,7 @@ class ImplicitLayer(nn.Module):
             dict.fromkeys(c.fn for c in problem.conditions.values() if isinstance(c.fn, nn.Module))
         )
         self._systems: dict[tuple, BlockSystem] = {}
+        self._sample_shapes: dict[str, tuple[int, ...]] = {}
         self.last_solution: Solution | None = None
 
     # ------------------------------------------------------------------------------ calling
@@ -144,12 +145,14 @@ class ImplicitLayer(nn.Module):
             w_out, info = self.solver.solve(
                 lambda w: system.residual(w, outer, create_graph=True), w0, precond=precond, name=system.name
             )
+            w_out = system.project_constrained(w_out)
         else:
             detached = {n: t.detach() for n, t in outer.items()}
             with torch.no_grad():
                 w_star, info = self.solver.solve(
                     lambda w: system.residual(w, detached), w0.detach(), precond=precond, name=system.name
                 )
+                w_star = system.project_constrained(w_star)
             w_out = self._differentiate(system, w_star, outer, detached, precond) if track else w_star
         values = system.unpack(w_out)
         duals = {n: values.pop(n).detach() for n in list(values) if n not in system.names}
@@ -188,12 +191,17 @@ class ImplicitLayer(nn.Module):
         adjoint = AdjointProblem(
             residual=lambda w: system.residual(w, detached, create_graph=True),
             w_star=w_star, solver=solver, precond=precond, name=system.name, second_order=mode.second_order,
+            warm_start=self._dual_warm_start(system, w_star, system.equation_indices(w_star.device)) if system.equations else None,
         )
         return attach_ift(lambda w: system.residual(w, outer, create_graph=True), w_star, adjoint)
 
     @staticmethod
     def _dual_warm_start(system: BlockSystem, w_star: torch.Tensor, idx: torch.Tensor):
-        """Warm start of the first-order adjoint from the forward dual μ*, rescaled per sample to the gradient."""
+        """Warm start of the adjoint from the forward dual μ*, rescaled per sample to the gradient.
+
+        When the outer loss is the inner objective, the DEQ adjoint of the equations is exactly a multiple
+        of μ* (JIIO's observation), so the backward solve starts at (or next to) its answer.
+        """
         if len(system.total_objectives) != 1:
             return None
         obj = system.total_objectives[0]
@@ -201,8 +209,13 @@ class ImplicitLayer(nn.Module):
         mu = torch.cat([w_star[:, s.offset : s.offset + s.size] for s in parts], 1).detach()
 
         def start(grad: torch.Tensor) -> torch.Tensor:
-            scale = (mu * grad).sum(1, keepdim=True) / (mu * mu).sum(1, keepdim=True).clamp_min(torch.finfo(mu.dtype).tiny)
-            return scale * mu
+            # The adjoint system is over the equation rows (first-order IFT) or the whole block (exact IFT):
+            # μ* fills the equation rows; the rest starts at zero.
+            g_eq = grad if grad.shape[1] == idx.numel() else grad[:, idx]
+            scale = (mu * g_eq).sum(1, keepdim=True) / (mu * mu).sum(1, keepdim=True).clamp_min(torch.finfo(mu.dtype).tiny)
+            if grad.shape[1] == idx.numel():
+                return scale * mu
+            return torch.zeros_like(grad).index_copy(1, idx, scale * mu)
 
         return start
 
@@ -246,13 +259,29 @@ class ImplicitLayer(nn.Module):
         return env
 
     def _start(self, name: str, tensors: Sequence[torch.Tensor], batch: int, ref: torch.Tensor) -> torch.Tensor:
+        """The `(B, ...)` start of a variable from its `init` entry.
+
+        A callable's result and a tensor whose first dimension is B (with at least two dimensions) are
+        batched starts; any other tensor is one sample's start, broadcast over the batch. Once a
+        variable's sample shape is known (after the first call), a tensor equal to that sample shape is
+        always broadcast, and a start of any other shape is an error. For a matrix-shaped variable whose
+        first dimension may equal the batch size, pass a callable.
+        """
         spec = self.init[name]
-        value = spec(*tensors) if callable(spec) and not isinstance(spec, torch.Tensor) else spec
+        from_callable = callable(spec) and not isinstance(spec, torch.Tensor)
+        value = spec(*tensors) if from_callable else spec
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"ImplicitLayer: init for {name!r} must be a tensor or return one, got {type(value).__name__}.")
-        value = value.to(device=ref.device, dtype=ref.dtype)
-        if value.dim() >= 1 and value.shape[0] == batch and callable(spec) and not isinstance(spec, torch.Tensor):
-            return value.detach()
-        if value.dim() >= 1 and value.shape[0] == batch and value.dim() > 1:
-            return value.detach()
-        return value.detach().expand(batch, *value.shape).contiguous()
+        value = value.detach().to(device=ref.device, dtype=ref.dtype)
+        known = self._sample_shapes.get(name)
+        if known is not None:
+            batched = tuple(value.shape) == (batch, *known)
+            if not batched and tuple(value.shape) != known:
+                raise ValueError(
+                    f"ImplicitLayer: init for {name!r} has shape {tuple(value.shape)}, which is neither one sample {known} "
+                    f"nor a batch {(batch, *known)}."
+                )
+        else:
+            batched = value.dim() >= 1 and value.shape[0] == batch and (from_callable or value.dim() > 1)
+            self._sample_shapes[name] = tuple(value.shape[1:]) if batched else tuple(value.shape)
+        return value if batched else value.expand(batch, *value.shape).contiguous()

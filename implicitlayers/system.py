@@ -110,6 +110,20 @@ class BlockSystem:
             return None
         return torch.cat([like.new_full((s.size,), s.damping) for s in self.slots.values()])
 
+    def project_constrained(self, w: torch.Tensor) -> torch.Tensor:
+        """`w` with each constrained variable projected onto its set.
+
+        Anderson and Broyden return extrapolated mixes of projected points, feasible only up to rounding;
+        the projection makes the returned solution feasible exactly (and is the identity at a fixed point).
+        """
+        constrained = [c for c in self.objectives if c.constraint is not None]
+        if not constrained:
+            return w
+        parts = dict(self.unpack(w))
+        for cond in constrained:
+            parts[cond.variable.name] = cond.constraint.project(parts[cond.variable.name])
+        return self.pack(parts, w.shape[0])
+
     def equation_indices(self, device: torch.device) -> torch.Tensor:
         """Indices of the equation variables in the packed unknown (for first-order IFT)."""
         return torch.cat([torch.arange(s.offset, s.offset + s.size, device=device) for s in self.equation_slots])

@@ -99,11 +99,6 @@ def test_one_sample_init_is_cast_to_the_input_dtype():
     assert z.dtype == torch.float64
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="layer.py ImplicitLayer._start: a one-sample init of shape (2, 3) is taken as a batched start "
-    "when the batch size happens to be 2, so the layer fails at B=2 (ambiguous tensor-init rule)",
-)
 def test_one_sample_matrix_init_works_when_the_batch_size_equals_its_first_dimension():
     A = torch.tensor([[0.5, 0.1], [0.0, 0.4]], dtype=torch.float64)
     x_, z_ = il.Input("x"), il.Variable("z")
@@ -250,3 +245,12 @@ def test_integer_inputs_are_allowed_beside_a_floating_one():
     (z,) = layer(k, _x(2))
     assert z.dtype == torch.float64  # the start takes the floating input's dtype, not the integer one's
     assert _residual(z, _x(2) + 1) < 1e-10
+
+
+def test_a_start_of_another_shape_than_the_known_sample_shape_is_an_error():
+    x_, z_ = il.Input("x"), il.Variable("z")
+    problem = il.Problem([il.FixedPoint(z_, lambda z, x: 0.5 * z + x, (z_, x_))])
+    layer = il.ImplicitLayer(problem, [x_], [z_], init={"z": torch.zeros(5, 3)}, solver=il.Anderson(tol=1e-8))
+    layer(torch.randn(5, 3))  # batched start: the sample shape is (3,)
+    with pytest.raises(ValueError, match=r"init for 'z' has shape \(5, 3\), which is neither one sample \(3,\)"):
+        layer(torch.randn(1, 3))
