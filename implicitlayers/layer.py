@@ -8,6 +8,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .nn._cache import cached_weights
 from .backward import IFT, AdjointProblem, Phantom, Unroll, adjoint_solver, attach_ift
 from .problem import Input, Problem, Variable
 from .solvers import Anderson, SolveInfo
@@ -109,6 +110,12 @@ class ImplicitLayer(nn.Module):
         self._systems: dict[tuple, BlockSystem] = {}
         self._sample_shapes: dict[str, tuple[int, ...]] = {}
         self.last_solution: Solution | None = None
+        self._adjoints: dict[str, AdjointProblem] = {}
+
+    @property
+    def backward_info(self) -> dict[str, SolveInfo | None]:
+        """The `SolveInfo` of each block's last IFT backward solve (`None` until a backward pass ran)."""
+        return {name: adjoint.info for name, adjoint in self._adjoints.items()}
 
     # ------------------------------------------------------------------------------ calling
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -117,7 +124,15 @@ class ImplicitLayer(nn.Module):
         return tuple(solution.values[n] for n in self.output_names)
 
     def solve(self, *tensors: torch.Tensor) -> Solution:
-        """Solve for the given inputs; returns the full `Solution` (every variable, per-block info)."""
+        """Solve for the given inputs; returns the full `Solution` (every variable, per-block info).
+
+        Normalised weights (`il.nn.weight_norm`, `il.nn.spectral_norm`) are computed once for the whole
+        solve, not once per iteration.
+        """
+        with cached_weights():
+            return self._solve(*tensors)
+
+    def _solve(self, *tensors: torch.Tensor) -> Solution:
         env = self._check_inputs(tensors)
         batch = tensors[0].shape[0]
         ref = next(t for t in tensors if t.is_floating_point())  # starts take its dtype and device
@@ -131,7 +146,8 @@ class ImplicitLayer(nn.Module):
             infos[system.name] = info
             duals.update(block_duals)
         solution = Solution(values={n: env[n] for n in self.problem.variables}, info=infos, duals=duals)
-        self.last_solution = solution
+        # Detached, so that keeping the last solution does not keep the last call's autograd graph alive.
+        self.last_solution = Solution({n: v.detach() for n, v in solution.values.items()}, infos, duals)
         return solution
 
     # ------------------------------------------------------------------------------ one block
@@ -184,6 +200,7 @@ class ImplicitLayer(nn.Module):
                 w_star=w_star[:, idx], solver=solver, precond=sub_precond, name=system.name,
                 warm_start=self._dual_warm_start(system, w_star, idx), second_order=mode.second_order,
             )
+            self._adjoints[system.name] = adjoint
             out_eq = attach_ift(
                 lambda w_eq: system.residual(embed(w_eq), outer, create_graph=True, equations_only=True), w_star[:, idx], adjoint
             )
@@ -193,6 +210,7 @@ class ImplicitLayer(nn.Module):
             w_star=w_star, solver=solver, precond=precond, name=system.name, second_order=mode.second_order,
             warm_start=self._dual_warm_start(system, w_star, system.equation_indices(w_star.device)) if system.equations else None,
         )
+        self._adjoints[system.name] = adjoint
         return attach_ift(lambda w: system.residual(w, outer, create_graph=True), w_star, adjoint)
 
     @staticmethod
@@ -251,7 +269,7 @@ class ImplicitLayer(nn.Module):
                     raise ValueError(f"ImplicitLayer: input {name!r} is on {t.device} but {fname!r} is on {ft.device}; move them to one device.")
                 if t.is_floating_point() and ft.is_floating_point() and t.dtype != ft.dtype:
                     raise TypeError(f"ImplicitLayer: input {name!r} is {t.dtype} but {fname!r} is {ft.dtype}; use one floating dtype.")
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
                 raise ValueError(f"ImplicitLayer: input {name!r} contains NaN or Inf values.")
             env[name] = t
         if tensors and not any(t.is_floating_point() for t in tensors):

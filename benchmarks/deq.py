@@ -1,0 +1,239 @@
+"""`il.DEQ` against torchdeq: one DEQ training step on scikit-learn's digits, same cell, same tolerances.
+
+Run: `python benchmarks/deq.py [--hidden 256] [--batch 128] [--repeats 15] [--tol 1e-4] [--device cpu|cuda] [--threads N]`
+
+The model is the digits classifier of `examples/deq_digits.py`: input injection `u = U x`
+(64 → hidden), cell `f(z, u) = tanh(W z + u)` with `W` scaled to spectral norm 0.9, head
+`Linear(hidden → 10)`, cross-entropy loss. Both libraries solve with Anderson (m = 5, ridge 1e-4,
+relative tolerance `--tol`, at most 50 iterations) and differentiate with the IFT, whose adjoint
+system each solves with Anderson to relative tolerance `--tol` (at most 100 iterations). The table reports:
+
+- the max relative difference of the fixed points, `max_b ‖z_ours − z_torchdeq‖ / ‖z_torchdeq‖`;
+- the max relative difference of the IFT gradients of the loss w.r.t. every parameter, and of both
+  against a tight-tolerance float64 reference of our own (to show which side is closer);
+- the median time of a training step (injection, forward solve, head, loss and IFT backward;
+  `zero_grad` excluded), ours ÷ torchdeq's, measured round-robin in one process. Part of the
+  difference is the iteration count: torchdeq's Anderson starts with two plain steps and stops when
+  the *worst* sample converges, ours freezes each sample at its own tolerance;
+- the memory autograd keeps for the backward pass (bytes of the saved tensors, distinct storages), for
+  the DEQ (IFT) and for the same cell unrolled to depth NFE with plain backprop. On CUDA the peak
+  allocated memory of the step is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+
+import implicitlayers as il
+from implicitlayers.models.weight_tied import WeightTied
+
+try:
+    from torchdeq import get_deq as _torchdeq_get_deq
+except ImportError:  # the `bench` extra is optional; without it only our rows are printed
+    _torchdeq_get_deq = None
+
+
+class Model(torch.nn.Module):
+    """Injection, tanh cell and head; the solve is delegated to `deq_forward`."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.inject = torch.nn.Linear(64, hidden)
+        self.W = torch.nn.Linear(hidden, hidden, bias=False)
+        self.head = torch.nn.Linear(hidden, 10)
+        with torch.no_grad():
+            self.W.weight.mul_(0.9 / torch.linalg.matrix_norm(self.W.weight, 2))
+
+    def cell(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.W(z) + u)
+
+
+def make_ours(model: Model, tol: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    deq = il.DEQ(
+        model.cell,
+        solver=il.Anderson(m=5, lam=1e-4, tol=tol, max_iter=50, on_failure="ignore"),
+        backward=il.IFT(solver=il.Anderson(m=5, lam=1e-4, tol=tol, max_iter=100, on_failure="ignore")),
+    )
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        z = deq(model.inject(x))
+        forward.nfe = deq.nfe
+        return z
+
+    forward.deq = deq
+    return forward
+
+
+def make_torchdeq(model: Model, tol: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    deq = _torchdeq_get_deq(
+        f_solver="anderson", f_max_iter=50, f_tol=tol, f_stop_mode="rel",
+        b_solver="anderson", b_max_iter=100, b_tol=tol, b_stop_mode="rel",
+        ift=True, n_states=1,
+    )
+    deq.train()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        u = model.inject(x)
+        z_out, info = deq(lambda z: model.cell(z, u), torch.zeros_like(u), solver_kwargs={"m": 5, "lam": 1e-4})
+        forward.nfe = int(info["nstep"].max())
+        return z_out[-1]
+
+    return forward
+
+
+def make_unrolled(model: Model, depth: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    net = WeightTied(model.cell, depth)
+    return lambda x: net(model.inject(x))
+
+
+def loss_of(model: Model, forward, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model.head(forward(x)), y)
+
+
+def grads(model: Model, forward, x, y) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss_of(model, forward, x, y).backward()
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def max_rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((p - q).norm() / q.norm().clamp_min(1e-30)) for p, q in zip(a, b))
+
+
+def step_times(model: Model, forwards: dict[str, Callable], x, y, repeats: int, device: torch.device) -> dict[str, float]:
+    """Median time of a training step for each forward, measured round-robin so that load drifts hit all alike."""
+    times: dict[str, list[float]] = {name: [] for name in forwards}
+    for i in range(repeats + 3):
+        for name, forward in forwards.items():
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            loss_of(model, forward, x, y).backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= 3:  # warm-up
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def saved_bytes(model: Model, forward, x, y) -> int:
+    """Bytes of the distinct storages autograd saves for the backward pass of one step."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_of(model, forward, x, y)
+    loss.backward()
+    return sum(storages.values())
+
+
+def peak_cuda(model: Model, forward, x, y, device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    loss_of(model, forward, x, y).backward()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--tol", type=float, default=1e-4)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    digits = load_digits()
+    x = torch.tensor(digits.data[: args.batch] / 16.0, dtype=torch.float32, device=device)
+    y = torch.tensor(digits.target[: args.batch], device=device)
+    model = Model(args.hidden).to(device)
+    ours = make_ours(model, args.tol)
+    results: dict = {}
+
+    # A tight float64 reference, to say which library's gradient is closer to the exact one.
+    model64 = Model(args.hidden).to(device).double()
+    model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    ref = make_ours(model64, 1e-10)
+    ref.deq.layer.solver = il.Anderson(m=5, lam=1e-10, tol=1e-10, max_iter=300, on_failure="ignore")
+    ref.deq.layer.backward_mode = il.IFT(solver=il.Anderson(m=5, lam=1e-10, tol=1e-10, max_iter=300, on_failure="ignore"))
+    g_ref = [g.float() for g in grads(model64, ref, x.double(), y)]
+
+    g_ours = grads(model, ours, x, y)
+    with torch.no_grad():
+        z_ours = ours(x)
+    nfe = ours.nfe
+    results.update(nfe=nfe, grad_err_ours=max_rel(g_ours, g_ref))
+    unrolled = make_unrolled(model, nfe)
+    forwards = {"ours": ours, "unrolled": unrolled}
+    results["saved_ours"] = saved_bytes(model, ours, x, y)
+    results["saved_unrolled"] = saved_bytes(model, unrolled, x, y)
+    results["peak_ours"] = peak_cuda(model, ours, x, y, device)
+    results["peak_unrolled"] = peak_cuda(model, unrolled, x, y, device)
+
+    if _torchdeq_get_deq is not None:
+        theirs = forwards["torchdeq"] = make_torchdeq(model, args.tol)
+        g_theirs = grads(model, theirs, x, y)
+        with torch.no_grad():
+            z_theirs = theirs(x)
+        results["z_rel_diff"] = float(((z_ours - z_theirs).norm(dim=1) / z_theirs.norm(dim=1)).max())
+        results["grad_rel_diff"] = max_rel(g_ours, g_theirs)
+        results["grad_err_torchdeq"] = max_rel(g_theirs, g_ref)
+        results["nfe_torchdeq"] = theirs.nfe
+        results["saved_torchdeq"] = saved_bytes(model, theirs, x, y)
+        results["peak_torchdeq"] = peak_cuda(model, theirs, x, y, device)
+    for name, seconds in step_times(model, forwards, x, y, args.repeats, device).items():
+        results[f"time_{name}"] = seconds
+
+    _print_table(results, args, device)
+    return results
+
+
+def _print_table(r: dict, args, device: torch.device) -> None:
+    mib = 2**20
+    print(f"DEQ training step on digits: hidden={args.hidden}, batch={args.batch}, tol={args.tol:g} (rel), device={device}, "
+          f"threads={torch.get_num_threads()}")
+    print(f"{'':28s}{'time/step (ms)':>16s}{'saved for bwd (MiB)':>22s}{'forward NFE':>13s}{'grad err vs f64':>17s}")
+    print(f"{'il.DEQ (IFT)':28s}{1e3 * r['time_ours']:16.2f}{r['saved_ours'] / mib:22.3f}{r['nfe']:13d}{r['grad_err_ours']:17.2e}")
+    if "time_torchdeq" in r:
+        print(f"{'torchdeq (IFT)':28s}{1e3 * r['time_torchdeq']:16.2f}{r['saved_torchdeq'] / mib:22.3f}"
+              f"{r['nfe_torchdeq']:13d}{r['grad_err_torchdeq']:17.2e}")
+    print(f"{'unrolled, depth = NFE':28s}{1e3 * r['time_unrolled']:16.2f}{r['saved_unrolled'] / mib:22.3f}{r['nfe']:13d}{'':>17s}")
+    if r["peak_ours"] is not None:
+        line = f"peak CUDA memory of a step (MiB): il.DEQ {r['peak_ours']:.1f}, unrolled {r['peak_unrolled']:.1f}"
+        if r.get("peak_torchdeq") is not None:
+            line += f", torchdeq {r['peak_torchdeq']:.1f}"
+        print(line)
+    print(f"memory: unrolled ÷ il.DEQ = {r['saved_unrolled'] / r['saved_ours']:.1f}×")
+    if "time_torchdeq" in r:
+        print(f"fixed points: max relative difference {r['z_rel_diff']:.2e}")
+        print(f"IFT gradients: max relative difference {r['grad_rel_diff']:.2e}")
+        print(f"time per training step: il.DEQ ÷ torchdeq = {r['time_ours'] / r['time_torchdeq']:.2f}× (target ≤ 0.5×)")
+    else:
+        print("torchdeq is not installed (pip install implicitlayers[bench]); its rows are skipped.")
+
+
+if __name__ == "__main__":
+    main()
