@@ -157,7 +157,8 @@ class BlockSystem:
             blocks = dict(eq_residuals)
             if not equations_only:
                 blocks.update(self._objective_residuals(values, scope, eq_residuals, create_graph))
-            out = torch.cat([blocks[s.name].reshape(batch, s.size) for s in self.slots.values() if s.name in blocks], 1)
+            parts = [blocks[s.name].reshape(batch, s.size) for s in self.slots.values() if s.name in blocks]
+            out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         return out if create_graph else out.detach()
 
     def _equation_residual(self, cond: Condition, scope: Mapping[str, torch.Tensor]) -> torch.Tensor:
