@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import scipy.optimize
 import torch
 
 from ._config import SolverConfig
@@ -33,6 +32,8 @@ class ScipyRoot(SolverConfig):
         self, residual_fn: ResidualFn, w0: torch.Tensor, *, precond: torch.Tensor | None = None, name: str = "solve"
     ) -> tuple[torch.Tensor, SolveInfo]:
         """Solve `R(w) = 0` for flat `(B, D)` unknowns, one sample at a time."""
+        import scipy.optimize  # imported here: it is slow to import and only this reference solver needs it
+
         nfe = 0
         base = w0.detach()
         out = base.clone()
