@@ -186,7 +186,10 @@ class BlockSystem:
 
     def _objective_residuals(self, values, scope, eq_residuals, create_graph) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        for cond in self.objectives:
+        last = len(self.objectives) - 1
+        for i, cond in enumerate(self.objectives):
+            # Objectives share the equations' graph: keep it until the last one has been differentiated.
+            retain = create_graph or i < last
             v_name = cond.variable.name
             v = values[v_name]
             loss = self._objective_value(cond, scope)
@@ -194,13 +197,13 @@ class BlockSystem:
                 duals = [values[self.adjoint_name(cond, eq)] for eq in self.equations]
                 phi = sum((mu * eq_residuals[eq.variable.name]).sum() for mu, eq in zip(duals, self.equations)) - loss.sum()
                 wrt = [values[eq.variable.name] for eq in self.equations] + [v]
-                grads = torch.autograd.grad(phi, wrt, create_graph=create_graph, retain_graph=True, allow_unused=True)
+                grads = torch.autograd.grad(phi, wrt, create_graph=create_graph, retain_graph=retain, allow_unused=True)
                 grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, wrt)]
                 for eq, g in zip(self.equations, grads[:-1]):
                     out[self.adjoint_name(cond, eq)] = g
                 gradient = -grads[-1]
             else:
-                (g,) = torch.autograd.grad(loss.sum(), [v], create_graph=create_graph, retain_graph=True, allow_unused=True)
+                (g,) = torch.autograd.grad(loss.sum(), [v], create_graph=create_graph, retain_graph=retain, allow_unused=True)
                 gradient = torch.zeros_like(v) if g is None else g
             if cond.constraint is not None:
                 out[v_name] = v - cond.constraint.project(v - cond.step_size * gradient)
