@@ -35,7 +35,7 @@ class LyapunovFunction(nn.Module):
 
     The construction of Kolter & Manek (2019, "Learning stable deep dynamics models"), centred at a
     reference point `z_ref` (the origin by default) instead of at 0, with `σ` =
-    [`smooth_relu`][implicitlayers.nn.lyapunov.smooth_relu]:
+    `smooth_relu` (in `implicitlayers.nn.lyapunov`):
 
     - **zero at the reference**: `σ(0) = 0` and the quadratic vanishes, so `V(z_ref) = 0`;
     - **positive definite**: `σ ≥ 0`, so `V(z) ≥ eps · ‖z − z_ref‖² > 0` for `z ≠ z_ref`, and V is

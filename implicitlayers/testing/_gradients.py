@@ -107,7 +107,8 @@ def check_gradients(
 
     Args:
         eps: finite-difference step.
-        atol, rtol: tolerances (see above).
+        atol: absolute tolerance (see above).
+        rtol: relative tolerance (see above).
         against_unroll: also compare with backpropagation through the solver iterations.
         wrt_parameters: also check the gradients of `module.parameters()` that require grad.
         directions: random directions per input (and for the parameters).
