@@ -1,9 +1,15 @@
-"""Command line: `python -m implicitlayers demo jiio` (also the `implicitlayers` console script)."""
+"""Command line: `python -m implicitlayers demo jiio`, `python -m implicitlayers bench NAME [ARGS...]`
+(also the `implicitlayers` console script)."""
 
 from __future__ import annotations
 
 import argparse
+import pathlib
+import runpy
+import sys
 from typing import Sequence
+
+_BENCHMARKS = ("solvers", "backward", "deq", "jiio", "meta")
 
 _DEMOS = {
     "jiio": "train a DEQ decoder on scikit-learn's digits by JIIO latent inference (no encoder; ~1 min on 2 CPU "
@@ -22,7 +28,25 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="outputs", help="directory for the figure (default: outputs)")
     demo.add_argument("--epochs", type=int, default=15, help="training epochs (default: 15)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    bench = commands.add_parser(
+        "bench", help="run a benchmark from a source checkout's benchmarks/ folder",
+        description="Run benchmarks/NAME.py of a source checkout; further arguments go to the benchmark.",
+    )
+    bench.add_argument("name", choices=_BENCHMARKS)
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see its --help)")
     return parser
+
+
+def _run_benchmark(name: str, args: list[str]) -> None:
+    """Run `benchmarks/<name>.py` found beside the package (editable install) or in the working directory."""
+    candidates = [pathlib.Path(__file__).resolve().parent.parent / "benchmarks", pathlib.Path.cwd() / "benchmarks"]
+    for folder in candidates:
+        script = folder / f"{name}.py"
+        if script.is_file():
+            sys.argv = [str(script), *args]
+            runpy.run_path(str(script), run_name="__main__")
+            return
+    raise SystemExit(f"benchmarks/{name}.py was not found: run this from a source checkout of implicitlayers.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise SystemExit(f"the demo needs the dev extra (scikit-learn, matplotlib, tqdm): pip install 'implicitlayers[dev]' ({err})")
         run_demo(args.out, epochs=args.epochs, progress=not args.no_progress)
+    elif args.command == "bench":
+        _run_benchmark(args.name, args.args)
     return 0
 
 

@@ -356,3 +356,14 @@ def test_changing_the_solver_after_construction_takes_effect():
     jiio.solver = il.Anderson(tol=1e-3, max_iter=3, on_failure="raise")
     with pytest.raises(il.ConvergenceError):
         jiio(_y())
+
+
+def test_cli_bench_runs_a_benchmark_script_and_rejects_unknown_names(capsys):
+    from implicitlayers.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "backward", "--help"])
+    assert exit_info.value.code == 0
+    assert "--iters" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["bench", "nonexistent"])
