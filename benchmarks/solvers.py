@@ -1,6 +1,8 @@
 """Forward fixed-point solvers, ours against torchdeq's, on two DEQ-style cells.
 
-Run: `python benchmarks/solvers.py [--repeats 7] [--device cpu|cuda] [--max-iter 50] [--tol 1e-4]`
+Run: `python benchmarks/solvers.py [--repeats 7] [--device cpu|cuda] [--threads N] [--max-iter 50] [--tol 1e-4]`
+(`pip install torchdeq`, or the `bench` extra, for the comparison rows). On a shared CPU, `--threads 1`
+gives far steadier numbers: a multi-threaded kernel waits for its slowest thread.
 
 Cells (bigger on CUDA):
 
@@ -12,7 +14,9 @@ For each solver the table prints the number of batched evaluations of `f` (NFE),
 time after warm-up, the median time of one `f`, the overhead `time / (NFE · t(f))` (1.0 is the floor:
 nothing but `f`) and our time ÷ torchdeq's for the same method, measured in the same run. Both sides
 stop at the same relative tolerance (ours `‖f(z) − z‖ / ‖z‖` per sample, torchdeq's
-`‖f(z) − z‖ / ‖f(z)‖` batch-max) with the same `max_iter`.
+`‖f(z) − z‖ / ‖f(z)‖` batch-max) with the same `max_iter`; Anderson uses `m = 6`, `lam = 1e-4` on both
+sides; our Broyden keeps its default `memory = 20` pairs where torchdeq's keeps all `max_iter`. The
+residual column is the batch-max relative residual of what each returned.
 """
 
 from __future__ import annotations
@@ -80,17 +84,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time(run: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        run()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _timed(run: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    run()
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def _ours(solver: il.solvers.SolverConfig) -> Callable:
@@ -130,24 +129,34 @@ def _residual(f: Callable, z: torch.Tensor) -> float:
 
 
 def bench_cell(name: str, f: Callable, z0: torch.Tensor, args: argparse.Namespace) -> None:
+    """One table: every method, both libraries, timed in alternation so that both see the same machine load."""
     device = z0.device
-    with torch.no_grad():
-        t_f = _median_time(lambda: f(z0 + 0.1), device, max(args.repeats, 20))
-    print(f"\n{name}: z {tuple(z0.shape)}, t(f) = {t_f * 1e3:.3f} ms, tol {args.tol:g} (rel), max_iter {args.max_iter}")
-    print(f"{'solver':<18}{'lib':<10}{'NFE':>5}{'time ms':>10}{'overhead':>10}{'residual':>10}{'ours/theirs':>13}")
+    print(f"\n{name}: z {tuple(z0.shape)}, tol {args.tol:g} (rel), max_iter {args.max_iter}, "
+          f"median of {args.repeats} after warm-up")
+    print(f"{'solver':<18}{'lib':<10}{'NFE':>5}{'time ms':>10}{'t(f) ms':>9}{'overhead':>10}{'residual':>10}{'ours/theirs':>13}")
+    z_probe = z0 + 0.1
     for method, ours, theirs in _methods(args.tol, args.max_iter):
-        times = {}
-        for lib, run in (("torchdeq", theirs), ("ours", ours)):
-            if run is None:
-                continue
+        runs = [(lib, run) for lib, run in (("torchdeq", theirs), ("ours", ours)) if run is not None]
+        nfe, residual = {}, {}
+        for lib, run in runs:
             counted = _Counted(f)
-            z = run(counted, z0)
-            nfe = counted.count
-            t = _median_time(lambda: run(f, z0), device, args.repeats)
-            times[lib] = t
-            ratio = f"{t / times['torchdeq']:.2f}" if lib == "ours" and "torchdeq" in times else ""
-            print(f"{method:<18}{lib:<10}{nfe:>5}{t * 1e3:>10.2f}{t / (nfe * t_f):>10.2f}"
-                  f"{_residual(f, z):>10.1e}{ratio:>13}")
+            residual[lib] = _residual(f, run(counted, z0))
+            nfe[lib] = counted.count
+            for _ in range(2):  # warm-up: first calls pay for allocations and kernel selection
+                run(f, z0)
+        times: dict[str, list[float]] = {lib: [] for lib, _ in runs}
+        t_f: list[float] = []
+        with torch.no_grad():
+            for _ in range(args.repeats):
+                t_f.append(min(_timed(lambda: f(z_probe), device) for _ in range(5)))
+                for lib, run in runs:
+                    times[lib].append(_timed(lambda: run(f, z0), device))
+        tf = statistics.median(t_f)
+        med = {lib: statistics.median(ts) for lib, ts in times.items()}
+        for lib, _ in runs:
+            ratio = f"{med['ours'] / med['torchdeq']:.2f}" if lib == "ours" and "torchdeq" in med else ""
+            print(f"{method:<18}{lib:<10}{nfe[lib]:>5}{med[lib] * 1e3:>10.2f}{tf * 1e3:>9.3f}"
+                  f"{med[lib] / (nfe[lib] * tf):>10.2f}{residual[lib]:>10.1e}{ratio:>13}")
 
 
 def main() -> None:
@@ -157,7 +166,10 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=1e-4)
     parser.add_argument("--max-iter", type=int, default=50)
     parser.add_argument("--cells", default="tanh,conv", help="comma-separated subset of tanh,conv")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     big = device.type == "cuda"
     if _torchdeq_solver is None:

@@ -21,10 +21,14 @@ class Broyden(IterativeSolver):
     `s = Δw`, `y = ΔR`. `U`, `V` are `(B, memory, D)` buffers; when full the oldest pair is
     overwritten, so memory is `O(memory · B · D)` whatever `max_iter` is.
 
+    A step reads the factors four times (two products for `H R(w_new)`, two for `Hᵀ s`): `H y` is
+    not computed but taken as `H R(w_new) − H R(w_old)`, and `H R(w_new)` after the update is
+    `H R(w_new) + u (vᵀ R(w_new))`, which is also the next step's direction.
+
     Args:
         memory: number of rank-one pairs kept (≥ 1).
         line_search: backtrack (up to 3 halvings, one evaluation each) on samples whose residual
-            norm grew.
+            norm grew. It tests on the host whether any sample needs it, one sync per step on CUDA.
     """
 
     memory: int = 20
@@ -34,65 +38,85 @@ class Broyden(IterativeSolver):
         super().__post_init__()
         if not isinstance(self.memory, int) or self.memory < 1:
             raise ValueError(f"Broyden: memory must be an integer >= 1, got {self.memory!r}.")
+        if not isinstance(self.line_search, bool):
+            raise ValueError(f"Broyden: line_search must be a bool, got {self.line_search!r}.")
 
     def init(self, fn, w, r, precond):
         batch, dim = w.shape
-        grad = torch.is_grad_enabled()
-        s = SimpleNamespace(w=w, r=r, precond=precond, count=0, grad=grad)
-        if grad:
+        # Under autograd (Unroll) in-place buffer writes would break the graph, so keep lists then.
+        s = SimpleNamespace(w=w, r=r, precond=precond, count=0, grad=torch.is_grad_enabled())
+        s.Hr = r if precond is None else r * precond  # H R(w) with H = diag(P)
+        if s.grad:
             s.U, s.V = [], []
         else:
-            s.U = w.new_zeros(batch, self.memory, dim)
-            s.V = w.new_zeros(batch, self.memory, dim)
+            # Slots beyond the filled ones are never read, so the factors need no zeroing.
+            s.U = w.new_empty(batch, self.memory, dim)
+            s.V = w.new_empty(batch, self.memory, dim)
         return s
-
-    def _factors(self, s):
-        n = min(s.count, self.memory)
-        if s.grad:
-            if n == 0:
-                return None, None
-            return torch.stack(s.U[-n:], 1), torch.stack(s.V[-n:], 1)
-        return (s.U[:, :n], s.V[:, :n]) if n else (None, None)
-
-    @staticmethod
-    def _apply(diag, U, V, x, transpose=False):
-        """H x (or Hᵀ x) with H = diag(P) + U Vᵀ."""
-        out = x if diag is None else x * diag
-        if U is None:
-            return out
-        a, b = (U, V) if not transpose else (V, U)
-        return out + torch.einsum("bnd,bn->bd", a, torch.einsum("bnd,bd->bn", b, x))
 
     def step(self, fn, s, frozen):
-        U, V = self._factors(s)
-        direction = -self._apply(s.precond, U, V, s.r)
-        direction = torch.where(frozen[:, None], torch.zeros_like(direction), direction)
-        w, r = s.w + direction, fn(s.w + direction)
+        n = min(s.count, self.memory)
+        if n == 0:
+            U = V = None
+        elif s.grad:
+            U, V = torch.stack(s.U, 1), torch.stack(s.V, 1)
+        else:
+            U, V = s.U[:, :n], s.V[:, :n]
+        if frozen is None:
+            direction = -s.Hr
+        elif s.grad:
+            direction = torch.where(frozen[:, None], 0.0, -s.Hr)
+        else:  # scaling is far cheaper than a row-masked fill on the CPU; a failed (NaN) sample is frozen anyway
+            direction = s.Hr * (frozen.to(s.Hr.dtype) - 1)[:, None]
+        w = s.w + direction
+        r = fn(w)
         if self.line_search:
             w, r = self._backtrack(fn, s, direction, w, r)
-        ds, dr = w - s.w, r - s.r
-        h_dr = self._apply(s.precond, U, V, dr)
-        v = self._apply(s.precond, U, V, ds, transpose=True)
+            ds = w - s.w
+        else:
+            ds = direction
+        dr = r - s.r
+        # H r and Hᵀ ds with the current factors; `coeff = Vᵀ r` is kept to drop the oldest pair below.
+        Hr, coeff = self._apply(s.precond, U, V, r)
+        v, _ = self._apply(s.precond, V, U, ds)
         denom = (v * dr).sum(1, keepdim=True)
-        ok = denom.abs() > torch.finfo(w.dtype).eps * ds.norm(dim=1, keepdim=True) * dr.norm(dim=1, keepdim=True)
-        u = torch.where(ok, (ds - h_dr) / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(ds))
-        u = torch.nan_to_num(u, nan=0.0, posinf=0.0, neginf=0.0)
-        v = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
+        scale = torch.linalg.vector_norm(ds, dim=1, keepdim=True) * torch.linalg.vector_norm(dr, dim=1, keepdim=True)
+        # Skip the update (u = 0) where sᵀH y is negligible: a frozen sample, or a step that made no progress.
+        denom = torch.where(denom.abs() > torch.finfo(w.dtype).eps * scale, denom, torch.inf)
+        u = (ds - (Hr - s.Hr)) / denom
+        Hr_next = torch.addcmul(Hr, u, (v * r).sum(1, keepdim=True))
+        full = n == self.memory
         if s.grad:
-            s.U.append(u)
-            s.V.append(v)
+            if full:
+                Hr_next = Hr_next - U[:, 0] * coeff[:, 0, :1]
+            s.U, s.V = (s.U + [u])[-self.memory :], (s.V + [v])[-self.memory :]
         else:
             slot = s.count % self.memory
+            if full:  # the pair in `slot` is about to be overwritten: take it out of H r too
+                Hr_next = Hr_next - s.U[:, slot] * coeff[:, 0, slot : slot + 1]
             s.U[:, slot], s.V[:, slot] = u, v
         s.count += 1
-        s.w, s.r = w, r
+        s.w, s.r, s.Hr = w, r, Hr_next
         return s
 
+    @staticmethod
+    def _apply(diag, A, B, x):
+        """`(diag ⊙ x + A (Bᵀ x), Bᵀ x)`: `H x` for `(A, B) = (U, V)`, `Hᵀ x` for `(V, U)`.
+
+        The products are written as `(1, D) @ (D, n)` and `(1, n) @ (n, D)` per sample, the fast
+        layout for batched matrix products (an `einsum("bnd,bd->bn")` is several times slower on CPU).
+        """
+        base = x if diag is None else x * diag
+        if A is None:
+            return base, None
+        coeff = torch.bmm(x[:, None], B.transpose(1, 2))
+        return torch.baddbmm(base[:, None], coeff, A)[:, 0], coeff
+
     def _backtrack(self, fn, s, direction, w, r):
-        old = s.r.norm(dim=1)
+        old = torch.linalg.vector_norm(s.r, dim=1)
         tau = 1.0
         for _ in range(3):
-            worse = r.norm(dim=1) > old
+            worse = torch.linalg.vector_norm(r, dim=1) > old
             if not bool(worse.any()):
                 break
             tau *= 0.5

@@ -33,7 +33,15 @@ class FixedPointIteration(IterativeSolver):
         return SimpleNamespace(w=w, r=r, precond=precond)
 
     def step(self, fn, state, frozen):
-        update = state.r if state.precond is None else state.r * state.precond
-        w = torch.where(frozen[:, None], state.w, state.w - self.damping * update)
+        step = state.r if state.precond is None else state.r * state.precond
+        if frozen is None:
+            w = torch.sub(state.w, step, alpha=self.damping)
+        elif torch.is_grad_enabled():
+            w = torch.where(frozen[:, None], state.w, state.w - self.damping * step)
+        else:
+            # A zero step size holds a frozen sample exactly, and is far cheaper than a row-masked
+            # `where` on the CPU. (A failed sample's NaN step may turn its iterate NaN; it is frozen anyway.)
+            size = (~frozen).to(step.dtype).mul_(self.damping)
+            w = torch.addcmul(state.w, step, size[:, None], value=-1)
         state.w, state.r = w, fn(w)
         return state
