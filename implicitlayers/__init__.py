@@ -7,10 +7,11 @@ the implicit function theorem. DEQ, JIIO, iMAML and LyaDEQ are built-in instance
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from . import linear as linear
+from . import nn as nn
+from . import robust as robust
 from . import sets as sets
+from . import testing as testing
 from .backward import IFT as IFT
 from .backward import Phantom as Phantom
 from .backward import Unroll as Unroll
@@ -18,6 +19,10 @@ from .errors import ConvergenceError as ConvergenceError
 from .errors import ConvergenceWarning as ConvergenceWarning
 from .layer import ImplicitLayer as ImplicitLayer
 from .layer import Solution as Solution
+from .models.deq import DEQ as DEQ
+from .models.imaml import IMAML as IMAML
+from .models.jiio import JIIO as JIIO
+from .models.lyadeq import LyaDEQ as LyaDEQ
 from .problem import FixedPoint as FixedPoint
 from .problem import Input as Input
 from .problem import Maximize as Maximize
@@ -34,29 +39,3 @@ from .solvers import fixed_point as fixed_point
 from .solvers import root as root
 
 __version__ = "0.1.0"
-
-# Heavier parts load on first use (they pull in more of torch, or optional packages).
-_LAZY = {
-    "linear": ("implicitlayers.linear", None),
-    "nn": ("implicitlayers.nn", None),
-    "robust": ("implicitlayers.robust", None),
-    "testing": ("implicitlayers.testing", None),
-    "DEQ": ("implicitlayers.models.deq", "DEQ"),
-    "JIIO": ("implicitlayers.models.jiio", "JIIO"),
-    "IMAML": ("implicitlayers.models.imaml", "IMAML"),
-    "LyaDEQ": ("implicitlayers.models.lyadeq", "LyaDEQ"),
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        module_name, attr = _LAZY[name]
-        module = importlib.import_module(module_name)
-        value = module if attr is None else getattr(module, attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'implicitlayers' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_LAZY))

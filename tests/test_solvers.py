@@ -18,7 +18,7 @@ SOLVERS = {
     "anderson": lambda **kw: il.Anderson(m=5, **kw),
     "broyden": lambda **kw: il.Broyden(**kw),
     "broyden_line_search": lambda **kw: il.Broyden(line_search=True, **kw),
-    "broyden_short_memory": lambda **kw: il.Broyden(memory=2, **kw),
+    "broyden_short_memory": lambda **kw: il.Broyden(memory=5, **kw),  # overwrites pairs for dim > 5
 }
 DTYPES = [torch.float32, torch.float64]
 

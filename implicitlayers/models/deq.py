@@ -8,9 +8,6 @@ layer's, so this module holds no solver or backward code.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import sys
 from typing import Any, Callable
 
 import torch
@@ -139,33 +136,14 @@ class DEQ(nn.Module):
             raise TypeError(f"DEQ: x must be a torch.Tensor with a leading batch dimension, got {type(x).__name__}.")
         if x.dim() == 0 or x.shape[0] == 0:
             raise ValueError(f"DEQ: x must have a non-empty leading batch dimension, got shape {tuple(x.shape)}.")
-        with self._cached_weights():
-            (z,) = self.layer(x)
-        # `ImplicitLayer.last_solution` keeps the differentiable outputs, i.e. the whole autograd graph
-        # of the call, alive until the next call and makes `copy.deepcopy(deq)` fail; keep a detached record.
-        last = self.layer.last_solution
-        self.layer.last_solution = dataclasses.replace(last, values={k: v.detach() for k, v in last.values.items()})
+        # The layer computes normalised weights once per call and keeps a detached last solution.
+        (z,) = self.layer(x)
         return z
 
     def solve(self, x: torch.Tensor) -> Solution:
         """Like `forward`, but returns the whole `il.Solution` (`.info`; `.values["z"]` is detached, use `forward` to differentiate)."""
         self.forward(x)
         return self.layer.last_solution
-
-    def _cached_weights(self) -> contextlib.AbstractContextManager:
-        """Normalised weights (`il.nn.weight_norm` / `spectral_norm`) computed once per call, not per iteration.
-
-        The solver's evaluations and the differentiable re-evaluation at `z*` then share one weight
-        tensor, computed with its graph. If `implicitlayers.nn` was never imported no cell can hold
-        such a weight, so nothing is entered. A module cell caches its own parametrizations; a plain
-        function cannot list the modules it captures, so it gets the process-wide block.
-        """
-        cache = sys.modules.get("implicitlayers.nn._cache")
-        if cache is None:
-            return contextlib.nullcontext()
-        if isinstance(self.cell, nn.Module):
-            return cache.cached_weights(self.cell)
-        return cache.cached_weights()
 
     def extra_repr(self) -> str:
         return f"solver={self.layer.solver!r}, backward={self.layer.backward_mode!r}"

@@ -12,7 +12,6 @@ module holds no solver or backward code.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 
 from ..backward import IFT, Phantom, Unroll
 from ..layer import ImplicitLayer, Solution
-from ..nn import LyapunovFunction, OrthogonalLinear, cached_weights
+from ..nn import LyapunovFunction, OrthogonalLinear
 from ..problem import FixedPoint, Input, Problem, Variable
 from ..solvers import Anderson, SolveInfo
 
@@ -206,14 +205,8 @@ class LyaDEQ(nn.Module):
             raise TypeError(f"LyaDEQ: x must be a torch.Tensor with a leading batch dimension, got {type(x).__name__}.")
         if x.dim() == 0 or x.shape[0] == 0:
             raise ValueError(f"LyaDEQ: x must have a non-empty leading batch dimension, got shape {tuple(x.shape)}.")
-        modules = [m for m in (self.cell, self.lyapunov) if isinstance(m, nn.Module)]
-        with cached_weights(*modules):
-            solution = self.layer.solve(x)
-        # Keep a detached record: the differentiable values would keep the call's graph alive.
-        self.layer.last_solution = dataclasses.replace(
-            solution, values={k: v.detach() for k, v in solution.values.items()}
-        )
-        return solution
+        # The layer computes normalised weights once per solve and keeps a detached last solution.
+        return self.layer.solve(x)
 
     # ------------------------------------------------------------------------------ the dynamics
     def projected_dynamics(self, z: torch.Tensor, anchor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
