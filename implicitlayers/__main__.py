@@ -12,7 +12,7 @@ from typing import Sequence
 _BENCHMARKS = ("solvers", "backward", "deq", "jiio", "meta")
 
 _DEMOS = {
-    "jiio": "train a DEQ decoder on scikit-learn's digits by JIIO latent inference (no encoder; ~1 min on 2 CPU "
+    "jiio": "train a DEQ decoder on scikit-learn's digits by JIIO latent inference (no encoder; ~20 s on 2 CPU "
     "cores), print the held-out reconstruction MSE and write a PNG of targets vs reconstructions",
 }
 
@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run a short end-to-end demo", description="Run a short end-to-end demo.")
     demo.add_argument("name", choices=sorted(_DEMOS), help="; ".join(f"{k}: {v}" for k, v in _DEMOS.items()))
     demo.add_argument("--out", default="outputs", help="directory for the figure (default: outputs)")
-    demo.add_argument("--epochs", type=int, default=15, help="training epochs (default: 15)")
+    demo.add_argument("--epochs", type=int, default=30, help="training epochs (default: 30)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     bench = commands.add_parser(
         "bench", help="run a benchmark from a source checkout's benchmarks/ folder",
