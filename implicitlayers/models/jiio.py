@@ -80,8 +80,8 @@ class JIIO(nn.Module):
         damping: the damping `β_z` of the state update `z ← z + β_z (cell(z, x) − z)` (reference: 0.8).
         adjoint_damping: the damping `β_μ` of `μ ← μ + β_μ (J_zᵀ μ + ∂L/∂z − μ)` (reference: 0.6).
 
-    With a constraint, the returned `x_star` is always in the set: a solve stopped at its iteration cap
-    is projected (Anderson mixes projected points with affine weights, which can leave the set).
+    With a constraint, the returned `x_star` is always in the set: the layer projects constrained
+    variables after the solve (Anderson mixes projected points with affine weights, which can leave it).
 
     Differences from the reference code (documented in the tutorial): the step size is constant (the
     reference switches `ALPHA_0[0] → ALPHA_0[1]` part-way), the solver stops at its tolerance (the
@@ -235,13 +235,6 @@ class JIIO(nn.Module):
             solution = layer.solve(*context, target)
         finally:
             self._x0 = None
-        if self.constraint is not None:
-            # Anderson returns affine (not convex) combinations of projected points, so a solve stopped
-            # at its iteration cap can end slightly outside the set. Project the value; keep the
-            # gradient of the solve (at a converged solution the projection is the identity anyway).
-            x = solution.values["x"]
-            x = x + (self.constraint.project(x.detach()) - x.detach())
-            solution = Solution(values={**solution.values, "x": x}, info=solution.info, duals=solution.duals)
         return solution
 
     def inner_objective(self, x: torch.Tensor, z: torch.Tensor, target: torch.Tensor, *context: torch.Tensor) -> torch.Tensor:
