@@ -416,3 +416,32 @@ def test_bad_data_and_attack_names_for_robust_accuracy():
         robust.robust_accuracy(model, [], eps_list=[0.1])
     with pytest.raises(TypeError, match="iterable"):
         robust.robust_accuracy(model, 3)
+
+
+def test_pgd_with_an_unrolled_early_state_deq_surrogate_attacks_the_real_deq():
+    # The surrogate-gradient attack on a real il.DEQ: the surrogate shares the cell, stops after
+    # 4 Picard steps and is differentiated by backprop; the attack must still hurt the converged DEQ.
+    import implicitlayers as il
+
+    torch.manual_seed(0)
+    d, k = 16, 3
+    inject, head = torch.nn.Linear(8, d), torch.nn.Linear(d, k)
+    weight = torch.nn.Linear(d, d, bias=False)
+    torch.nn.init.normal_(weight.weight, std=0.4 / d**0.5)
+
+    def cell(z, u):
+        return torch.tanh(weight(z) + u)
+
+    deq = il.DEQ(cell, solver=il.Anderson(tol=1e-6, max_iter=100))
+    early = il.DEQ(cell, solver=il.FixedPointIteration(max_iter=4, on_failure="ignore"), backward=il.Unroll())
+    model = lambda x: head(deq(inject(x)))  # noqa: E731
+    surrogate = lambda x: head(early(inject(x)))  # noqa: E731
+    x = torch.rand(32, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    x_adv = robust.pgd(model, x, y, eps=0.2, steps=10, grad_model=surrogate, select="best")
+    assert (x_adv - x).abs().max() <= 0.2 + 1e-6
+    with torch.no_grad():
+        clean = F.cross_entropy(model(x), y)
+        attacked = F.cross_entropy(model(x_adv), y)
+    assert attacked > clean

@@ -21,10 +21,13 @@ surrogate: the attack follows its gradient while `model` remains the classifier 
 `pgd(..., select="best")`, chooses per sample the iterate that does most harm to `model`).
 
 ```python
+import implicitlayers as il
 import implicitlayers.robust as robust
 
 x_adv = robust.pgd(model, x, y, eps=0.1, steps=20)                       # ℓ∞ PGD-20
-x_adv = robust.pgd(model, x, y, eps=0.1, grad_model=lambda x: model(x, max_iter=4), select="best")
+# A surrogate sharing the classifier's cell: 4 unrolled Picard steps, differentiated by backprop.
+early = il.DEQ(cell, solver=il.FixedPointIteration(max_iter=4, on_failure="ignore"), backward=il.Unroll())
+x_adv = robust.pgd(model, x, y, eps=0.1, grad_model=lambda x: head(early(inject(x))), select="best")
 acc = robust.robust_accuracy(model, (X_test, y_test), attack="pgd", eps_list=[0.05, 0.1, 0.2])
 loss = robust.trades_loss(model, x, y, eps=0.1, beta=6.0)                 # then loss.backward()
 ```

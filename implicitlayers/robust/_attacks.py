@@ -143,7 +143,8 @@ def pgd(
         grad_model: optional second callable that supplies the attack gradient, while `model` remains
             the classifier under attack. For an implicit model this is the surrogate-gradient attack of
             Yang et al. (ICML 2023): differentiate the DEQ at an intermediate solver state or through a
-            few unrolled steps (e.g. `grad_model=lambda x: deq_classifier(x, max_iter=4)`), which is often
+            few unrolled steps (e.g. an `il.DEQ` sharing the classifier's cell with
+            `solver=il.FixedPointIteration(max_iter=4, on_failure="ignore"), backward=il.Unroll()`), which is often
             stronger than the exact implicit gradient at the fixed point. With `select="best"`, each
             iterate is scored on `model`, so the surrogate only proposes and `model` decides.
         select: `"last"` returns the final iterate; `"best"` returns, per sample, the iterate (start
