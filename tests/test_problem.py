@@ -34,7 +34,7 @@ def test_a_variable_with_two_conditions_is_rejected():
 
 
 def test_a_variable_read_without_a_condition_is_rejected():
-    x, z, w = il.Input("x"), il.Variable("z"), il.Variable("w")
+    z, w = il.Variable("z"), il.Variable("w")
     with pytest.raises(ValueError, match=r"\['w'\] are read but have no defining condition.*il.Input"):
         il.Problem([il.FixedPoint(z, lambda z, w: z + w, (z, w))])
 
@@ -54,7 +54,7 @@ def test_duplicate_names_across_conditions_are_rejected():
 
 
 def test_arity_mismatch_names_the_condition_and_the_nodes():
-    x, z = il.Input("x"), il.Variable("z")
+    z = il.Variable("z")
     with pytest.raises(TypeError, match=r"FixedPoint\(z\): fn takes \(z, x\) but args lists 1 nodes \(z\)"):
         il.FixedPoint(z, lambda z, x: z, (z,))
 
