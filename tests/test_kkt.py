@@ -287,3 +287,28 @@ def test_kkt_block_with_a_chain_of_two_equations_gets_one_adjoint_each():
     want = torch.autograd.grad((u_ref * g).sum(), (c, t))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-8, rtol=0)
+
+
+def test_kkt_block_with_a_root_equation_matches_the_closed_form_with_anderson_and_broyden():
+    # The same linear-cell problem declared as Root(g = z − Az − Bu − c): the adjoint uses (∂g/∂z)ᵀμ.
+    torch.manual_seed(0)
+    dt, d, k, lam = torch.float64, 5, 3, 0.5
+    A = torch.randn(d, d, dtype=dt)
+    A = 0.4 * A / torch.linalg.matrix_norm(A, 2)
+    B, c = 0.5 * torch.randn(d, k, dtype=dt), torch.randn(d, dtype=dt)
+    t_, z_, u_ = il.Input("t"), il.Variable("z"), il.Variable("u")
+    problem = il.Problem([
+        il.Root(z_, lambda z, u: z - (z @ A.T + u @ B.T + c), (z_, u_)),
+        il.Minimize(u_, lambda z, u, t: 0.5 * ((z - t) ** 2).sum(1) + 0.5 * lam * (u**2).sum(1), (z_, u_, t_), step_size=0.3),
+    ])
+    M = torch.linalg.inv(torch.eye(d, dtype=dt) - A)
+    K = M @ B
+    t = torch.randn(4, d, dtype=dt, requires_grad=True)
+    u_exact = torch.linalg.solve(K.T @ K + lam * torch.eye(k, dtype=dt), K.T @ (t - M @ c).T).T
+    (g_exact,) = torch.autograd.grad(u_exact.sum(), t)
+    for solver in (il.Anderson(tol=1e-11, max_iter=500), il.Broyden(tol=1e-11, max_iter=300, memory=60)):
+        layer = il.ImplicitLayer(problem, [t_], [u_], solver=solver, init={"z": torch.zeros(d, dtype=dt), "u": torch.zeros(k, dtype=dt)})
+        (u,) = layer(t)
+        torch.testing.assert_close(u, u_exact, atol=1e-9, rtol=0)
+        (g,) = torch.autograd.grad(u.sum(), t)
+        torch.testing.assert_close(g, g_exact, atol=1e-9, rtol=0)
