@@ -123,11 +123,14 @@ class ImplicitLayer(nn.Module):
         solution = self.solve(*tensors)
         return tuple(solution.values[n] for n in self.output_names)
 
+    # A user's `torch.compile(model)` breaks the graph cleanly here instead of tracing the solver loop
+    # (whose data-dependent stopping makes Dynamo skip frames and compile tiny per-iteration lambdas).
+    @torch.compiler.disable
     def solve(self, *tensors: torch.Tensor) -> Solution:
         """Solve for the given inputs; returns the full `Solution` (every variable, per-block info).
 
         Normalised weights (`il.nn.weight_norm`, `il.nn.spectral_norm`) are computed once for the whole
-        solve, not once per iteration.
+        solve, not once per iteration. Under `torch.compile` the solve runs eagerly (a graph break).
         """
         with cached_weights():
             return self._solve(*tensors)

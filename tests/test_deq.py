@@ -310,3 +310,31 @@ def test_digits_example_runs_in_fast_mode(tmp_path) -> None:
         assert 0.0 <= run["test_accuracy"] <= 1.0
     # Two epochs on 256 samples already learn something (chance is 10%).
     assert results["plain"]["test_accuracy"] > 0.15
+
+
+# Dynamo itself reads `.grad` of non-leaf tensors while it wraps them (a torch-internal warning).
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+def test_a_compiled_model_breaks_the_graph_at_the_implicit_layer_and_matches_eager():
+    # `torch.compile(model)` must not trace the solver loop: the layer's solve is a compiler boundary.
+    torch.manual_seed(0)
+    inject, weight, head = torch.nn.Linear(8, 16), torch.nn.Linear(16, 16, bias=False), torch.nn.Linear(16, 3)
+    torch.nn.init.normal_(weight.weight, std=0.3 / 4)
+    deq = il.DEQ(lambda z, u: torch.tanh(weight(z) + u), solver=il.Anderson(tol=1e-6, max_iter=100))
+
+    def model(x):
+        return head(deq(inject(x)))
+
+    x = torch.randn(4, 8)
+    eager = model(x)
+    (g_eager,) = torch.autograd.grad(eager.sum(), weight.weight)
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")(x)
+    # One graph before the layer (the injection) and one after it (the head); tracing into the solver
+    # loop instead gives dozens (35 measured without the boundary).
+    assert counters["stats"]["unique_graphs"] <= 3
+    (g_compiled,) = torch.autograd.grad(compiled.sum(), weight.weight)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(g_compiled, g_eager)
