@@ -1,0 +1,67 @@
+"""Data-parallel training: DDP over two CPU processes gives the gradients of one process on the whole batch.
+
+Every sample freezes once it converges, so a sample's solution (and gradient) does not depend on
+which other samples share its batch — which is what makes sharding exact.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import implicitlayers as il
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+class Classifier(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inject = torch.nn.Linear(6, 8).double()
+        self.weight = torch.nn.Linear(8, 8, bias=False).double()
+        torch.nn.init.normal_(self.weight.weight, std=0.3 / 8**0.5)
+        self.head = torch.nn.Linear(8, 3).double()
+        self.deq = il.DEQ(self.cell, solver=il.Anderson(tol=1e-10, max_iter=200))
+
+    def cell(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.weight(z) + u)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.deq(self.inject(x)))
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(16, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen)
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(Classifier())
+        x, y = _data()
+        shard = slice(rank * 8, (rank + 1) * 8)
+        loss = torch.nn.functional.cross_entropy(model(x[shard]), y[shard])
+        loss.backward()
+        grads = [p.grad.detach().clone() for p in model.module.parameters()]
+        torch.save(grads, os.path.join(out_dir, f"grads{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gradients_equal_single_process_gradients_on_the_full_batch(tmp_path):
+    mp.start_processes(_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    model = Classifier()
+    x, y = _data()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    reference = [p.grad for p in model.parameters()]
+    for rank in range(2):
+        grads = torch.load(tmp_path / f"grads{rank}.pt")
+        for g, ref in zip(grads, reference):
+            torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-12)
