@@ -3,8 +3,8 @@ package is installed.
 
 It adds fixtures only (none is autouse, so no other test changes behaviour) and registers the
 Hypothesis profile `"implicitlayers-ci"` without loading it: choose it with
-`pytest --hypothesis-profile=implicitlayers-ci`. Importing this module imports neither torch nor
-Hypothesis; the fixtures import the checks when a test asks for them.
+`pytest --hypothesis-profile=implicitlayers-ci`. Loading the plugin imports the `implicitlayers`
+package (and so torch) but not Hypothesis; the fixtures import the checks when a test asks for them.
 
 Fixtures: `il_check_solution`, `il_check_gradients`, `il_check_batch_independence`,
 `il_check_convergence` (the functions of `implicitlayers.testing`) and `il_strategies` (the strategies
