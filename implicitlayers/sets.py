@@ -13,10 +13,11 @@ import torch
 __all__ = ["ConstraintSet", "Box", "L2Ball", "LInfBall"]
 
 
-def _center(center: torch.Tensor | float | None, like: torch.Tensor) -> torch.Tensor | float:
-    if center is None:
+def _like(value: torch.Tensor | float | None, like: torch.Tensor) -> torch.Tensor | float:
+    """`value` as a tensor of `like`'s dtype and device (`None`, an absent centre, is 0)."""
+    if value is None:
         return 0.0
-    return torch.as_tensor(center, dtype=like.dtype, device=like.device) if not isinstance(center, torch.Tensor) else center.to(like)
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device)
 
 
 class ConstraintSet:
@@ -44,10 +45,7 @@ class Box(ConstraintSet):
             raise ValueError(f"Box: lower ({self.lower}) must not exceed upper ({self.upper}).")
 
     def project(self, v: torch.Tensor) -> torch.Tensor:
-        lower = _center(self.lower, v)
-        upper = _center(self.upper, v)
-        return torch.clamp(v, min=lower, max=upper) if isinstance(lower, torch.Tensor) or isinstance(upper, torch.Tensor) \
-            else v.clamp(min=lower, max=upper)
+        return torch.clamp(v, min=_like(self.lower, v), max=_like(self.upper, v))
 
 
 def _check_radius(name: str, radius: float) -> None:
@@ -66,7 +64,7 @@ class L2Ball(ConstraintSet):
         _check_radius("L2Ball", self.radius)
 
     def project(self, v: torch.Tensor) -> torch.Tensor:
-        c = _center(self.center, v)
+        c = _like(self.center, v)
         d = v - c
         norm = torch.linalg.vector_norm(d.reshape(v.shape[0], -1), dim=1).reshape((-1,) + (1,) * (v.dim() - 1))
         scale = torch.clamp(self.radius / norm.clamp_min(torch.finfo(v.dtype).tiny), max=1.0)
@@ -84,5 +82,5 @@ class LInfBall(ConstraintSet):
         _check_radius("LInfBall", self.radius)
 
     def project(self, v: torch.Tensor) -> torch.Tensor:
-        c = _center(self.center, v)
+        c = _like(self.center, v)
         return c + (v - c).clamp(-self.radius, self.radius)
