@@ -6,7 +6,11 @@ which other samples share its batch — which is what makes sharding exact.
 
 from __future__ import annotations
 
+import datetime
 import os
+import socket
+import sys
+import time
 
 import pytest
 import torch
@@ -40,9 +44,26 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen)
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    if sys.platform.startswith("linux"):
+        # Gloo otherwise binds to whatever the host name resolves to, which on a sandboxed CI machine
+        # may be an address the two processes cannot reach: talk over loopback only.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    open(os.path.join(out_dir, f"joined{rank}"), "w").close()
     try:
         model = torch.nn.parallel.DistributedDataParallel(Classifier())
         x, y = _data()
@@ -55,8 +76,22 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _run_two_workers(out_dir: str, deadline_s: float = 180.0) -> None:
+    """Run both ranks; never wait past `deadline_s` (a hung rendezvous must not hang the suite)."""
+    context = mp.start_processes(_worker, args=(2, _free_port(), out_dir), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            joined = [os.path.exists(os.path.join(out_dir, f"joined{rank}")) for rank in range(2)]
+            if not all(joined):
+                pytest.skip("two gloo processes could not rendezvous over loopback on this machine")
+            pytest.fail(f"the DDP workers joined the process group but did not finish within {deadline_s:.0f} s")
+
+
 def test_ddp_gradients_equal_single_process_gradients_on_the_full_batch(tmp_path):
-    mp.start_processes(_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    _run_two_workers(str(tmp_path))
     model = Classifier()
     x, y = _data()
     torch.nn.functional.cross_entropy(model(x), y).backward()
