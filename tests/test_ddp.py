@@ -71,7 +71,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         loss = torch.nn.functional.cross_entropy(model(x[shard]), y[shard])
         loss.backward()
         grads = [p.grad.detach().clone() for p in model.module.parameters()]
-        torch.save(grads, os.path.join(out_dir, f"grads{rank}.pt"))
+        # Write then rename, so the parent never reads a half-written file.
+        torch.save(grads, os.path.join(out_dir, f"grads{rank}.part"))
+        os.replace(os.path.join(out_dir, f"grads{rank}.part"), os.path.join(out_dir, f"grads{rank}.pt"))
+        # Leave together: a rank tearing down while the other still talks to it can hang gloo.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -80,7 +84,15 @@ def _run_two_workers(out_dir: str, deadline_s: float = 180.0) -> None:
     """Run both ranks; never wait past `deadline_s` (a hung rendezvous must not hang the suite)."""
     context = mp.start_processes(_worker, args=(2, _free_port(), out_dir), nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + deadline_s
+    outputs = [os.path.join(out_dir, f"grads{rank}.pt") for rank in range(2)]
     while not context.join(timeout=1.0):
+        if all(map(os.path.exists, outputs)):
+            # The results are written; do not depend on the process group's teardown, which has been
+            # seen to hang on some machines after both ranks finished.
+            if not context.join(timeout=10.0):
+                for process in context.processes:
+                    process.kill()
+            return
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
