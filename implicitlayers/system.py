@@ -195,15 +195,22 @@ class BlockSystem:
             loss = self._objective_value(cond, scope)
             if cond in self.total_objectives:
                 duals = [values[self.adjoint_name(cond, eq)] for eq in self.equations]
-                phi = sum((mu * eq_residuals[eq.variable.name]).sum() for mu, eq in zip(duals, self.equations)) - loss.sum()
+                # ∇φ for φ = Σ_e ⟨μ_e, c_e⟩ − Σ L, as one VJP seeded with (μ, −1): building the scalar φ
+                # would add four forward ops and their backward nodes to every evaluation.
+                outputs = [eq_residuals[eq.variable.name] for eq in self.equations] + [loss]
+                seeds = duals + [torch.full_like(loss, -1.0)]
                 wrt = [values[eq.variable.name] for eq in self.equations] + [v]
-                grads = torch.autograd.grad(phi, wrt, create_graph=create_graph, retain_graph=retain, allow_unused=True)
+                grads = torch.autograd.grad(
+                    outputs, wrt, seeds, create_graph=create_graph, retain_graph=retain, allow_unused=True
+                )
                 grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, wrt)]
                 for eq, g in zip(self.equations, grads[:-1]):
                     out[self.adjoint_name(cond, eq)] = g
                 gradient = -grads[-1]
             else:
-                (g,) = torch.autograd.grad(loss.sum(), [v], create_graph=create_graph, retain_graph=retain, allow_unused=True)
+                (g,) = torch.autograd.grad(
+                    loss, [v], torch.ones_like(loss), create_graph=create_graph, retain_graph=retain, allow_unused=True
+                )
                 gradient = torch.zeros_like(v) if g is None else g
             if cond.constraint is not None:
                 out[v_name] = v - cond.constraint.project(v - cond.step_size * gradient)
