@@ -1,6 +1,6 @@
 """JIIO against the naive loop: time and evaluations to reach the same objective value.
 
-Run: `python benchmarks/jiio.py [--epochs 15] [--batch 128] [--steps 200] [--fast]`
+Run: `python benchmarks/jiio.py [--epochs 15] [--batch 128] [--state 96] [--steps 200] [--warm] [--fast]`
 
 Two inner problems, each on one trained model and one batch of targets (scikit-learn's digits):
 
@@ -156,7 +156,7 @@ def compare(name, jiio_runs, naive_runs, sign: float, label: str = "Adam steps",
 
 def latent_problem(args):
     train, test = load_digits_split()
-    cfg = DecoderConfig(epochs=args.epochs)
+    cfg = DecoderConfig(epochs=args.epochs, state=args.state)
     decoder, _ = train_decoder(train[: 384 if args.fast else None], cfg, progress=not args.no_progress)
     for p in decoder.parameters():
         p.requires_grad_(False)
@@ -234,6 +234,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=15, help="JIIO training epochs of the decoder")
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--state", type=int, default=96, help="DEQ state size of the latent problem's decoder")
     parser.add_argument("--steps", type=int, default=200, help="naive Adam steps per learning rate")
     parser.add_argument("--warm", action="store_true", help="also run the naive loop with warm-started solves")
     parser.add_argument("--repeats", type=int, default=5, help="re-timings of each winner (the minimum is reported)")
