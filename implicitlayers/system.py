@@ -102,7 +102,11 @@ class BlockSystem:
     def unpack(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """The named `(B, ...)` views of a packed `(B, D)` tensor."""
         batch = w.shape[0]
-        return {s.name: w[:, s.offset : s.offset + s.size].reshape((batch, *s.shape)) for s in self.slots.values()}
+        # A flat slot's column slice already has its shape: skip the reshape (this runs every evaluation).
+        return {
+            s.name: w[:, s.offset : s.offset + s.size] if len(s.shape) == 1 else w[:, s.offset : s.offset + s.size].reshape((batch, *s.shape))
+            for s in self.slots.values()
+        }
 
     def preconditioner(self, like: torch.Tensor) -> torch.Tensor | None:
         """The `(D,)` diagonal `P` of the map `F(w) = w − P ⊙ R(w)`, or `None` when it is all ones."""
@@ -148,9 +152,10 @@ class BlockSystem:
         """
         needs_vjp = not equations_only and bool(self.objectives)
         with torch.enable_grad() if (needs_vjp or create_graph) else _nullcontext():
-            if needs_vjp and not w.requires_grad:
-                w = w.detach().requires_grad_()
             values = self.unpack(w)
+            if needs_vjp and not w.requires_grad:
+                # Fresh leaves per variable: cheaper than recording the slicing of a leaf `w` in the graph.
+                values = {name: v.detach().requires_grad_() for name, v in values.items()}
             scope = {**env, **values}
             batch = w.shape[0]
             eq_residuals = {c.variable.name: self._equation_residual(c, scope) for c in self.equations}
@@ -174,6 +179,7 @@ class BlockSystem:
         return target - out if isinstance(cond, FixedPoint) else out
 
     def _objective_value(self, cond: Minimize, scope: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The objective as written, `(B,)` (its sign for a `Maximize` is applied by the caller)."""
         value = cond.fn(*(scope[a.name] for a in cond.args))
         batch = scope[cond.variable.name].shape[0]
         if not isinstance(value, torch.Tensor) or value.shape != (batch,):
@@ -182,7 +188,7 @@ class BlockSystem:
                 f"{type(cond).__name__}({cond.variable.name}) in {self.name}: the objective returned {got}; it must "
                 f"return one value per sample, shape ({batch},). Reduce over the non-batch dimensions (e.g. .sum(1))."
             )
-        return cond.sign * value
+        return value
 
     def _objective_residuals(self, values, scope, eq_residuals, create_graph) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -195,10 +201,10 @@ class BlockSystem:
             loss = self._objective_value(cond, scope)
             if cond in self.total_objectives:
                 duals = [values[self.adjoint_name(cond, eq)] for eq in self.equations]
-                # ∇φ for φ = Σ_e ⟨μ_e, c_e⟩ − Σ L, as one VJP seeded with (μ, −1): building the scalar φ
-                # would add four forward ops and their backward nodes to every evaluation.
+                # ∇φ for φ = Σ_e ⟨μ_e, c_e⟩ − Σ L (L = sign · objective), as one VJP seeded with (μ, −sign):
+                # building the scalar φ would add forward ops and their backward nodes to every evaluation.
                 outputs = [eq_residuals[eq.variable.name] for eq in self.equations] + [loss]
-                seeds = duals + [torch.full_like(loss, -1.0)]
+                seeds = duals + [torch.full_like(loss, -float(cond.sign))]
                 wrt = [values[eq.variable.name] for eq in self.equations] + [v]
                 grads = torch.autograd.grad(
                     outputs, wrt, seeds, create_graph=create_graph, retain_graph=retain, allow_unused=True
@@ -209,7 +215,8 @@ class BlockSystem:
                 gradient = -grads[-1]
             else:
                 (g,) = torch.autograd.grad(
-                    loss, [v], torch.ones_like(loss), create_graph=create_graph, retain_graph=retain, allow_unused=True
+                    loss, [v], torch.full_like(loss, float(cond.sign)), create_graph=create_graph, retain_graph=retain,
+                    allow_unused=True,
                 )
                 gradient = torch.zeros_like(v) if g is None else g
             if cond.constraint is not None:
