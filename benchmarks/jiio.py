@@ -129,7 +129,10 @@ def retime(fn: Callable[[], object], repeats: int) -> float:
 
 
 def compare(name, jiio_runs, naive_runs, sign: float, label: str = "Adam steps", timers=None, repeats: int = 3) -> dict:
-    """Both methods' first hit of the common target; each method's fastest setting (step size / learning rate)."""
+    """Both methods' first hit of the common target; each method's fastest setting (step size / learning rate).
+
+    `timers`: `(jiio_timer, naive_timer)`, each mapping (budget or steps, setting) to a callable to re-time.
+    """
     pick = min if sign > 0 else max
     best_j = pick(pick(r[1] for r in rows) for rows in jiio_runs.values())
     best_n = pick(pick(r[1] for r in rows) for rows in naive_runs.values())
@@ -144,8 +147,8 @@ def compare(name, jiio_runs, naive_runs, sign: float, label: str = "Adam steps",
     lr, n = fastest(naive_runs)
     if timers is not None:  # re-time both winners, minimum of repeats
         jiio_timer, naive_timer = timers
-        j = (j[0], j[1], retime(lambda: jiio_timer(j[0], alpha), repeats), j[3])
-        n = (n[0], n[1], retime(lambda: naive_timer(lr, n[0]), repeats), n[3])
+        j = (j[0], j[1], retime(jiio_timer(j[0], alpha), repeats), j[3])
+        n = (n[0], n[1], retime(naive_timer(lr, n[0]), repeats), n[3])
     print(f"\n== {name}: target objective {level:.4f} (best JIIO {best_j:.4f}, best naive {best_n:.4f})")
     print(f"  JIIO : T = {j[0]:>4} iterations (step, dampings = {alpha}), {j[2] * 1e3:8.1f} ms, {j[3]:>6} evaluations (f + VJP each)")
     print(f"  naive: {n[0]:>4} {label} (lr {lr}), {n[2] * 1e3:8.1f} ms, {n[3]:>6} evaluations (forward f + adjoint VJP)")
@@ -210,11 +213,17 @@ def run(name, problem, args, sign, lrs, pgd_lrs=None) -> dict:
     naive = {lr: naive_curve(cell, head, objective, target, context, x0, state, steps, lr, sign, project) for lr in lrs}
 
     def jiio_timer(T, setting):
-        with torch.no_grad():
-            make(T, setting).solve(target, *context)
+        """A solve of the winning JIIO layer, built once outside the timing (as `jiio_curve` times it)."""
+        jiio = make(T, setting)
+
+        def solve():
+            with torch.no_grad():
+                jiio.solve(target, *context)
+
+        return solve
 
     def naive_timer(**kw):
-        return lambda lr, n: naive_curve(cell, head, objective, target, context, x0, state, n, lr, sign, project, **kw)
+        return lambda lr, n: lambda: naive_curve(cell, head, objective, target, context, x0, state, n, lr, sign, project, **kw)
 
     reps = 1 if args.fast else args.repeats
     result = compare(name, jiio_rows, naive, sign, timers=(jiio_timer, naive_timer()), repeats=reps)
