@@ -44,7 +44,7 @@ from implicitlayers.demo import DecoderConfig, load_digits_split, squared_error_
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOLVE = il.Anderson(m=5, tol=1e-4, max_iter=50, on_failure="ignore")
-# JIIO's (state, adjoint) dampings tried: the reference code's (0.8, 0.6), the layer's default, and none.
+# JIIO's (state, adjoint) dampings tried: the reference code's (0.8, 0.6), which is the layer's default, and none.
 JIIO_DAMPINGS = [(0.8, 0.6), (1.0, 1.0)]
 
 
@@ -143,17 +143,17 @@ def compare(name, jiio_runs, naive_runs, sign: float, label: str = "Adam steps",
         hits = {key: first_reaching(rows, level, sign) for key, rows in runs.items()}
         return min(((k, h) for k, h in hits.items() if h is not None), key=lambda kv: kv[1][2])
 
-    alpha, j = fastest(jiio_runs)
+    setting, j = fastest(jiio_runs)
     lr, n = fastest(naive_runs)
     if timers is not None:  # re-time both winners, minimum of repeats
         jiio_timer, naive_timer = timers
-        j = (j[0], j[1], retime(jiio_timer(j[0], alpha), repeats), j[3])
+        j = (j[0], j[1], retime(jiio_timer(j[0], setting), repeats), j[3])
         n = (n[0], n[1], retime(naive_timer(lr, n[0]), repeats), n[3])
     print(f"\n== {name}: target objective {level:.4f} (best JIIO {best_j:.4f}, best naive {best_n:.4f})")
-    print(f"  JIIO : T = {j[0]:>4} iterations (step, dampings = {alpha}), {j[2] * 1e3:8.1f} ms, {j[3]:>6} evaluations (f + VJP each)")
+    print(f"  JIIO : T = {j[0]:>4} iterations (step, dampings = {setting}), {j[2] * 1e3:8.1f} ms, {j[3]:>6} evaluations (f + VJP each)")
     print(f"  naive: {n[0]:>4} {label} (lr {lr}), {n[2] * 1e3:8.1f} ms, {n[3]:>6} evaluations (forward f + adjoint VJP)")
     print(f"  ratio naive / JIIO: time {n[2] / j[2]:.1f}x, evaluations {n[3] / j[3]:.1f}x")
-    return {"target": level, "jiio": j, "jiio_step": alpha, "naive": n, "naive_lr": lr,
+    return {"target": level, "jiio": j, "jiio_setting": setting, "naive": n, "naive_lr": lr,
             "time_ratio": n[2] / j[2], "eval_ratio": n[3] / j[3]}
 
 

@@ -102,11 +102,12 @@ class BlockSystem:
     def unpack(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """The named `(B, ...)` views of a packed `(B, D)` tensor."""
         batch = w.shape[0]
-        # A flat slot's column slice already has its shape: skip the reshape (this runs every evaluation).
-        return {
-            s.name: w[:, s.offset : s.offset + s.size] if len(s.shape) == 1 else w[:, s.offset : s.offset + s.size].reshape((batch, *s.shape))
-            for s in self.slots.values()
-        }
+        views = {}
+        for s in self.slots.values():
+            view = w[:, s.offset : s.offset + s.size]
+            # A flat slot's column slice already has its shape: skip the reshape (this runs every evaluation).
+            views[s.name] = view if len(s.shape) == 1 else view.reshape((batch, *s.shape))
+        return views
 
     def preconditioner(self, like: torch.Tensor) -> torch.Tensor | None:
         """The `(D,)` diagonal `P` of the map `F(w) = w − P ⊙ R(w)`, or `None` when it is all ones."""

@@ -96,8 +96,7 @@ def _run_two_workers(out_dir: str, deadline_s: float = 180.0) -> None:
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
-            joined = [os.path.exists(os.path.join(out_dir, f"joined{rank}")) for rank in range(2)]
-            if not all(joined):
+            if not all(os.path.exists(os.path.join(out_dir, f"joined{rank}")) for rank in range(2)):
                 pytest.skip("two gloo processes could not rendezvous over loopback on this machine")
             pytest.fail(f"the DDP workers joined the process group but did not finish within {deadline_s:.0f} s")
 
