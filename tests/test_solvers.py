@@ -176,6 +176,28 @@ def test_anderson_steps_are_the_textbook_ones(m, grad):
     torch.testing.assert_close(torch.stack(info.trace), torch.stack(_reference_anderson(R, w0, m, 1e-4, 9)), rtol=1e-9, atol=1e-14)
 
 
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_a_residual_that_writes_into_a_buffer_gives_the_same_steps(name):
+    # A residual function may offer to write into the solver's buffer (Anderson's history slot);
+    # taking the offer must change nothing but where the numbers are stored.
+    R = _smooth_residual(seed=9)
+    offered = []
+
+    def into(w, out=None):
+        offered.append(out is not None)
+        return R(w) if out is None else out.copy_(R(w))
+
+    into.writes_into = True
+    w0 = torch.zeros(3, 5, dtype=torch.float64)
+    solver = SOLVERS[name](tol=1e-300, max_iter=12, trace=True, on_failure="ignore", stop="abs")
+    with torch.no_grad():  # (under autograd Anderson keeps its history in lists, without buffers)
+        plain, plain_info = solver.solve(R, w0)
+        given_buffer, info = solver.solve(into, w0)
+    assert torch.equal(plain, given_buffer)
+    torch.testing.assert_close(torch.stack(info.trace), torch.stack(plain_info.trace), rtol=0, atol=0)
+    assert any(offered) == (name == "anderson")  # only Anderson keeps residuals it could take directly
+
+
 # ------------------------------------------------------------------------------ per-sample semantics
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_a_batch_solves_like_its_samples_alone(name):

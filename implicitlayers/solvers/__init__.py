@@ -11,3 +11,6 @@ from .anderson import Anderson as Anderson
 from .broyden import Broyden as Broyden
 from .fixed_point_iteration import FixedPointIteration as FixedPointIteration
 from .scipy_root import ScipyRoot as ScipyRoot
+from ._workspace import clear_workspace as clear_workspace
+from ._workspace import set_workspace_limit as set_workspace_limit
+from ._workspace import workspace_bytes as workspace_bytes

@@ -20,7 +20,11 @@ class IterativeSolver(SolverConfig):
 
     The state exposes the newest iterate `w` and its residual `r`; `frozen` is the `(B,)` mask of samples
     whose iterate must not change. Everything else (stopping, statistics, failure policy) is the loop's.
+    `release(state)` runs once the solve has ended, to hand buffers back (see `_workspace`).
     """
+
+    def release(self, state) -> None:
+        """Hand the state's reusable buffers back once the solve has ended (nothing to do by default)."""
 
     def solve(
         self, residual_fn: ResidualFn, w0: torch.Tensor, *, precond: torch.Tensor | None = None, name: str = "solve"
@@ -43,4 +47,9 @@ class IterativeSolver(SolverConfig):
         fixed point (`A = I − Jᵀ`) is the classic `x ← b + Jᵀ x`.
         """
         start = torch.zeros_like(b) if x0 is None else x0
-        return self.solve(lambda x: matvec(x) - b, start, precond=precond, name=name)
+
+        def residual(x: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+            return torch.sub(matvec(x), b, out=into)
+
+        residual.writes_into = True  # type: ignore[attr-defined]
+        return self.solve(residual, start, precond=precond, name=name)

@@ -33,15 +33,16 @@ def _check_start(z0: object, who: str) -> torch.Tensor:
 
 
 def _flat_residual(fn: Callable[[torch.Tensor], torch.Tensor], shape: torch.Size, who: str, fixed: bool):
-    def residual(w: torch.Tensor) -> torch.Tensor:
+    def residual(w: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
         z = w.reshape(shape)
         out = fn(z)
         if not isinstance(out, torch.Tensor) or out.shape != shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"{who}: the function returned {got} for an input of shape {tuple(shape)}; it must return the same shape.")
         out = out.reshape(shape[0], -1)
-        return w - out if fixed else out
+        return torch.sub(w, out, out=into) if fixed else out
 
+    residual.writes_into = fixed  # type: ignore[attr-defined]  # a root's g(z) is already a fresh tensor
     return residual
 
 

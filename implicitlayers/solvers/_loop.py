@@ -4,7 +4,8 @@ The loop owns stopping, per-sample freezing, best-iterate tracking, NaN isolatio
 and the failure policy; a solver only says how to start (`init`) and how to take one step
 (`step`). A solver works on flat `(B, D)` unknowns and a residual function `R: (B, D) -> (B, D)`
 whose zero is the solution, plus a diagonal preconditioner `P` (`(D,)`, or `None` for ones) that
-defines the fixed-point map `F(w) = w - P * R(w)` used by Picard and Anderson steps.
+defines the fixed-point map `F(w) = w - P * R(w)` used by Picard and Anderson steps. A residual
+function may offer to write into a buffer the solver names (see `_Counted`).
 
 Speed notes. Each iteration costs one evaluation plus a handful of `(B,)`-sized kernels here; the
 only host synchronisation is the "is every sample frozen?" test every `check_every` steps (every
@@ -56,17 +57,23 @@ def stopping_measure(r: torch.Tensor, w: torch.Tensor, stop: str) -> torch.Tenso
 
 
 class _Counted:
-    """Wraps the residual function to count batched evaluations."""
+    """Wraps the residual function to count batched evaluations, and to hand it an output buffer.
 
-    __slots__ = ("fn", "count")
+    A residual function whose attribute `writes_into` is true takes a second argument, a `(B, D)`
+    buffer, writes `R(w)` there and returns it (Anderson passes the history slot the residual is
+    headed for, which spares a copy per step). Any other function is called with `w` alone.
+    """
+
+    __slots__ = ("fn", "count", "writes_into")
 
     def __init__(self, fn: ResidualFn) -> None:
         self.fn = fn
         self.count = 0
+        self.writes_into = bool(getattr(fn, "writes_into", False))
 
-    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+    def __call__(self, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         self.count += 1
-        return self.fn(w)
+        return self.fn(w, out) if out is not None and self.writes_into else self.fn(w)
 
 
 def iterate(
@@ -105,34 +112,37 @@ def iterate(
     trace = [best_res.clone()] if solver.trace else None
     # 0-dim tensors: comparing with a Python float would wrap it into a new tensor every step.
     tol_t, inf_t = best_res.new_tensor(tol), best_res.new_tensor(float("inf"))
-    for k in range(solver.max_iter):
-        mask: torch.Tensor | None = frozen
-        if k % check_every == 0:
-            n_frozen = int(frozen.sum())
-            if n_frozen == batch:
-                break
-            if n_frozen == 0:
-                mask = None
-        state = solver.step(fn, state, mask)
-        res = _measure(state.r, state.w, rel, getattr(state, "r_norm", None))
-        improved = res < best_res  # False for NaN
-        if mask is None:
-            unmasked_steps += 1
-        else:
-            nstep = nstep + ~frozen
-        if eager and bool(improved.all()):  # the common case: every residual finite and lower
-            best_w, best_res = state.w, res
-            frozen = frozen | (res <= tol_t)
-        else:
-            if eager:  # copying the improved rows is several times cheaper than a row-masked `where` on the CPU
-                rows = improved.nonzero()[:, 0]
-                best_w = best_w.index_copy(0, rows, state.w.index_select(0, rows))
+    try:
+        for k in range(solver.max_iter):
+            mask: torch.Tensor | None = frozen
+            if k % check_every == 0:
+                n_frozen = int(frozen.sum())
+                if n_frozen == batch:
+                    break
+                if n_frozen == 0:
+                    mask = None
+            state = solver.step(fn, state, mask)
+            res = _measure(state.r, state.w, rel, getattr(state, "r_norm", None))
+            improved = res < best_res  # False for NaN
+            if mask is None:
+                unmasked_steps += 1
             else:
-                best_w = torch.where(improved[:, None], state.w, best_w)
-            best_res = torch.where(improved, res, best_res)
-            frozen = frozen | (best_res <= tol_t) | ~(res < inf_t)
-        if trace is not None:
-            trace.append(torch.nan_to_num(res, nan=float("inf")))
+                nstep = nstep + ~frozen
+            if eager and bool(improved.all()):  # the common case: every residual finite and lower
+                best_w, best_res = state.w, res
+                frozen = frozen | (res <= tol_t)
+            else:
+                if eager:  # copying the improved rows is several times cheaper than a row-masked `where` on the CPU
+                    rows = improved.nonzero()[:, 0]
+                    best_w = best_w.index_copy(0, rows, state.w.index_select(0, rows))
+                else:
+                    best_w = torch.where(improved[:, None], state.w, best_w)
+                best_res = torch.where(improved, res, best_res)
+                frozen = frozen | (best_res <= tol_t) | ~(res < inf_t)
+            if trace is not None:
+                trace.append(torch.nan_to_num(res, nan=float("inf")))
+    finally:
+        solver.release(state)  # the solve is over: its buffers may serve the next one
     if best_w is w0:  # never hand the caller's tensor back as the solution
         best_w = w0.clone()
     info = SolveInfo(nstep=nstep + unmasked_steps, residual=best_res, converged=best_res <= tol, nfe=fn.count, trace=trace)

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
+from . import _workspace
 from ._base import IterativeSolver
 
 __all__ = ["Anderson"]
@@ -47,7 +48,6 @@ class Anderson(IterativeSolver):
             raise ValueError(f"Anderson: damping must lie in (0, 1], got {self.damping!r}.")
 
     def init(self, fn, w, r, precond):
-        batch, dim = w.shape
         # Under autograd (Unroll) in-place buffer writes would break the graph, so keep lists then.
         s = SimpleNamespace(w=w, r=r, r_norm=None, precond=precond, count=1, grad=torch.is_grad_enabled())
         # `pr = P ⊙ R(w) = −g`: the sign does not change the Gram matrix, and `w + βg = w − β pr`.
@@ -55,15 +55,14 @@ class Anderson(IterativeSolver):
         if s.grad:
             s.Y, s.G = [w - self.damping * pr], [pr]
             return s
-        # Slots beyond the filled ones are never read, so the history needs no zeroing.
-        s.Y = w.new_empty(batch, self.m, dim)
-        s.G = w.new_empty(batch, self.m, dim)
-        torch.sub(w, pr, alpha=self.damping, out=s.Y[:, 0])
-        s.G[:, 0] = pr
-        s.H = w.new_zeros(batch, self.m, self.m)  # the Gram matrix G Gᵀ, by slot
-        s.H[:, 0, 0] = (pr * pr).sum(1)
-        s.ones = w.new_ones(batch, self.m, 1)
+        s.hist = _workspace.take(_History, w, self.m)
+        s.eye_lam = s.hist.scaled_eyes(self.lam)
+        s.hist.record(w, pr, 0, self.damping)
         return s
+
+    def release(self, s) -> None:
+        if not s.grad:
+            _workspace.give_back(s.hist)
 
     def _weights(self, H: torch.Tensor, ones: torch.Tensor, newest: int, in_place: bool) -> torch.Tensor:
         """Mixing weights `(B, 1, n)`: `α = y / Σy` with `(H + ridge) y = 1`, the minimiser of αᵀHα on Σα = 1.
@@ -87,31 +86,41 @@ class Anderson(IterativeSolver):
         newest_only[newest] = 1
         return torch.where(torch.isfinite(alpha).all(2, keepdim=True), alpha, newest_only)
 
+    def _weights_buffered(self, s, n: int) -> torch.Tensor:
+        """`_weights` on the history's Gram matrix, without copying it: the ridge enters through `addcmul`."""
+        hist = s.hist
+        if self.lam == 0:
+            return self._weights(hist.H_first[n].clone(), hist.ones[n], (s.count - 1) % self.m, in_place=True)
+        largest = hist.diag_first[n].amax(2, keepdim=True)  # (B, 1, 1)
+        y, _ = torch.linalg.solve_ex(torch.addcmul(hist.H_first[n], largest, s.eye_lam[n]), hist.ones[n])
+        return (y / y.sum(1, keepdim=True)).mT
+
     def step(self, fn, s, frozen):
         n = min(s.count, self.m)
         if s.grad:
             w = self._proposal_unrolled(s, n, frozen)
         else:
-            if n == 1:
-                alpha = s.ones[:, :1]  # (B, 1, 1): the plain damped step
-            else:
-                H = s.H[:, :n, :n].clone()
-                alpha = self._weights(H, s.ones[:, :n], (s.count - 1) % self.m, in_place=True)
+            hist = s.hist
+            # (B, 1, n); n == 1 is the plain damped step
+            alpha = hist.ones[1].mT if n == 1 else self._weights_buffered(s, n)
             if frozen is None:
-                w = torch.bmm(alpha, s.Y[:, :n])[:, 0]
+                w = torch.bmm(alpha, hist.Y_first[n]).squeeze(1)
             else:
                 # Zero weights plus the old iterate hold a frozen sample exactly, far cheaper than a
                 # row-masked `where` on the CPU (a failed sample's NaN history may poison it; it is frozen anyway).
                 hold = frozen.to(alpha.dtype)
                 alpha = alpha * (1 - hold)[:, None, None]
-                w = torch.baddbmm((s.w * hold[:, None])[:, None], alpha, s.Y[:, :n])[:, 0]
-        r = fn(w)
+                w = torch.baddbmm((s.w * hold[:, None])[:, None], alpha, hist.Y_first[n]).squeeze(1)
+        # Without a preconditioner the residual is what the history keeps: let fn write it into its slot.
+        r = fn(w) if s.grad or s.precond is not None else fn(w, s.hist.G_slot[s.count % self.m])
         s.w, s.r = w, r
+        pr = r if s.precond is None else r * s.precond
         if s.grad:
-            pr = r if s.precond is None else r * s.precond
             s.Y, s.G = (s.Y + [w - self.damping * pr])[-self.m :], (s.G + [pr])[-self.m :]
         else:
-            self._record(s, w, r)
+            # ‖R(w)‖ is on the Gram diagonal already: spare the loop one pass over the residual.
+            r_sq = s.hist.record(w, pr, s.count, self.damping)
+            s.r_norm = r_sq.sqrt() if s.precond is None else None
         s.count += 1
         return s
 
@@ -130,18 +139,53 @@ class Anderson(IterativeSolver):
             w = torch.bmm(alpha, Y)[:, 0]
         return w if frozen is None else torch.where(frozen[:, None], s.w, w)
 
-    def _record(self, s, w: torch.Tensor, r: torch.Tensor) -> None:
-        """Write the newest point into its circular slot and its row of the Gram matrix into `H`."""
-        slot = s.count % self.m
-        filled = min(s.count + 1, self.m)
-        pr = s.G[:, slot]
-        if s.precond is None:
-            pr.copy_(r)
-        else:
-            torch.mul(r, s.precond, out=pr)
-        torch.sub(w, pr, alpha=self.damping, out=s.Y[:, slot])
-        row = torch.bmm(s.G[:, slot : slot + 1], s.G[:, :filled].transpose(1, 2))[:, 0]
-        s.H[:, slot, :filled] = row
-        s.H[:, :filled, slot] = row
-        # ‖R(w)‖ is on the diagonal already: spare the loop one pass over the residual.
-        s.r_norm = row[:, slot].sqrt() if s.precond is None else None
+
+class _History:
+    """Anderson's buffers for one `(B, m, D)`, dtype and device, with every view a step uses made once.
+
+    `Y` holds the mixed points `w_i − β pr_i`, `G` the `pr_i`, both by circular slot; `H` is the
+    Gram matrix `G Gᵀ` by slot. Slots beyond the filled ones are never read, so nothing needs zeroing,
+    and the object can serve one solve after another (`_workspace`): building the views costs about as
+    much as the tensor indexing of a few steps, which it replaces.
+    """
+
+    def __init__(self, like: torch.Tensor, m: int) -> None:
+        batch, dim = like.shape
+        self.m = m
+        self.Y = like.new_empty(batch, m, dim)
+        self.G = like.new_empty(batch, m, dim)
+        self.H = like.new_zeros(batch, m, m)
+        self.nbytes = self.Y.nbytes + self.G.nbytes + self.H.nbytes
+        self._eyes: dict[float, list[torch.Tensor]] = {}
+        # Indexed by the number n of filled slots:
+        self.Y_first = [self.Y[:, :n] for n in range(m + 1)]
+        self.H_first = [self.H[:, :n, :n] for n in range(m + 1)]
+        self.diag_first = [torch.diagonal(h, dim1=1, dim2=2).unsqueeze(1) for h in self.H_first]  # (B, 1, n)
+        self.ones = [like.new_ones(batch, n, 1) for n in range(m + 1)]
+        # Indexed by slot: the newest pr as a row, and where its Gram row and column go. While the
+        # history fills (slot = step count < m) only slots 0..slot are filled; after that, all m.
+        self.Y_slot, self.G_slot = self.Y.unbind(1), self.G.unbind(1)
+        self.G_row = [self.G[:, k : k + 1] for k in range(m)]
+        self.G_cols = [self.G[:, : k + 1].mT for k in range(m)] + [self.G.mT]
+        self.H_row = [[self.H[:, k : k + 1, :n] for n in (k + 1, m)] for k in range(m)]
+        self.H_col = [[self.H[:, :n, k : k + 1].mT for n in (k + 1, m)] for k in range(m)]
+        self.H_diag = [self.H[:, k, k] for k in range(m)]
+
+    def scaled_eyes(self, lam: float) -> list[torch.Tensor]:
+        """`lam · I_n` for every n (the ridge's shape, scaled by the largest diagonal entry per sample)."""
+        if lam not in self._eyes:
+            eye = lam * torch.eye(self.m, dtype=self.H.dtype, device=self.H.device)
+            self._eyes[lam] = [eye[:n, :n] for n in range(self.m + 1)]
+        return self._eyes[lam]
+
+    def record(self, w: torch.Tensor, pr: torch.Tensor, count: int, damping: float) -> torch.Tensor:
+        """Write step `count`'s point into its slot and its row of the Gram matrix into `H`; return ‖pr‖²."""
+        slot = count % self.m
+        full = int(count >= self.m)
+        if pr is not self.G_slot[slot]:  # else the residual function wrote it there already
+            self.G_slot[slot].copy_(pr)
+        torch.sub(w, pr, alpha=damping, out=self.Y_slot[slot])
+        row = torch.bmm(self.G_row[slot], self.G_cols[slot if not full else self.m])
+        self.H_row[slot][full].copy_(row)
+        self.H_col[slot][full].copy_(row)
+        return self.H_diag[slot]

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
+from . import _workspace
 from ._base import IterativeSolver
 
 __all__ = ["Broyden"]
@@ -42,17 +43,18 @@ class Broyden(IterativeSolver):
             raise ValueError(f"Broyden: line_search must be a bool, got {self.line_search!r}.")
 
     def init(self, fn, w, r, precond):
-        batch, dim = w.shape
         # Under autograd (Unroll) in-place buffer writes would break the graph, so keep lists then.
         s = SimpleNamespace(w=w, r=r, precond=precond, count=0, grad=torch.is_grad_enabled())
         s.Hr = r if precond is None else r * precond  # H R(w) with H = diag(P)
         if s.grad:
             s.U, s.V = [], []
         else:
-            # Slots beyond the filled ones are never read, so the factors need no zeroing.
-            s.U = w.new_empty(batch, self.memory, dim)
-            s.V = w.new_empty(batch, self.memory, dim)
+            s.factors = _workspace.take(_Factors, w, self.memory)
         return s
+
+    def release(self, s) -> None:
+        if not s.grad:
+            _workspace.give_back(s.factors)
 
     def step(self, fn, s, frozen):
         n = min(s.count, self.memory)
@@ -61,7 +63,7 @@ class Broyden(IterativeSolver):
         elif s.grad:
             U, V = torch.stack(s.U, 1), torch.stack(s.V, 1)
         else:
-            U, V = s.U[:, :n], s.V[:, :n]
+            U, V = s.factors.U_first[n], s.factors.V_first[n]
         if frozen is None:
             direction = -s.Hr
         elif s.grad:
@@ -93,8 +95,9 @@ class Broyden(IterativeSolver):
         else:
             slot = s.count % self.memory
             if full:  # the pair in `slot` is about to be overwritten: take it out of H r too
-                Hr_next = Hr_next - s.U[:, slot] * coeff[:, 0, slot : slot + 1]
-            s.U[:, slot], s.V[:, slot] = u, v
+                Hr_next = Hr_next - s.factors.U_slot[slot] * coeff[:, 0, slot : slot + 1]
+            s.factors.U_slot[slot].copy_(u)
+            s.factors.V_slot[slot].copy_(v)
         s.count += 1
         s.w, s.r, s.Hr = w, r, Hr_next
         return s
@@ -125,3 +128,20 @@ class Broyden(IterativeSolver):
             w = torch.where(worse[:, None], trial, w)
             r = torch.where(worse[:, None], r_trial, r)
         return w, r
+
+
+class _Factors:
+    """Broyden's `(B, memory, D)` factors `U`, `V` by circular slot, with the views a step uses made once.
+
+    Slots beyond the filled ones are never read, so nothing needs zeroing, and the object can serve
+    one solve after another (`_workspace`).
+    """
+
+    def __init__(self, like: torch.Tensor, memory: int) -> None:
+        batch, dim = like.shape
+        self.U = like.new_empty(batch, memory, dim)
+        self.V = like.new_empty(batch, memory, dim)
+        self.nbytes = self.U.nbytes + self.V.nbytes
+        self.U_first = [self.U[:, :n] for n in range(memory + 1)]
+        self.V_first = [self.V[:, :n] for n in range(memory + 1)]
+        self.U_slot, self.V_slot = self.U.unbind(1), self.V.unbind(1)
