@@ -154,3 +154,15 @@ def test_concurrent_solves_in_threads_agree_with_solves_alone():
     for t in threads:
         t.join()
     assert not errors
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_solves_in_and_out_of_inference_mode_do_not_share_buffers(name):
+    # Tensors made under inference_mode cannot be written in place outside it, and the other way round
+    # must work too: alternate, with the same shape, and compare with fresh solves.
+    solver, f = SOLVERS[name](), _contractive_map(2, 5, seed=3)
+    z0 = torch.zeros(2, 5, dtype=torch.float64)
+    expected = _without_workspace(f, z0, solver).value
+    for inference in (True, False, True, False):
+        with torch.inference_mode(inference):
+            assert torch.equal(il.fixed_point(f, z0, solver=solver).value, expected)

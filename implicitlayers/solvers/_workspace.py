@@ -35,9 +35,10 @@ def take(build: Callable[..., T], like: torch.Tensor, *args: Hashable) -> T:
     """`build(like, *args)`, or an object an earlier solve built with the same arguments and handed back.
 
     `like` contributes its shape, dtype and device to the match; the object must have `nbytes`.
-    Its contents are whatever the last solve left there.
+    Its contents are whatever the last solve left there. Objects built under `torch.inference_mode`
+    serve only solves under it: outside it, their tensors cannot be written in place.
     """
-    key = (build, tuple(like.shape), like.dtype, like.device, args)
+    key = (build, tuple(like.shape), like.dtype, like.device, torch.is_inference_mode_enabled(), args)
     with _lock:
         bucket = _kept.get(key)
         if bucket:
