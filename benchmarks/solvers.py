@@ -16,9 +16,10 @@ nothing but `f`) and our time ÷ torchdeq's for the same method, measured in the
 stop at the same relative tolerance (ours `‖f(z) − z‖ / ‖z‖` per sample, torchdeq's
 `‖f(z) − z‖ / ‖f(z)‖` batch-max) with the same `max_iter`; Anderson uses `m = 6`, `lam = 1e-4` on both
 sides; our Broyden keeps its default `memory = 20` pairs where torchdeq's keeps all `max_iter`. The
-residual column is the batch-max relative residual of what each returned. The `floor` row under
-Anderson is `anderson_floor`: a bare Anderson of the same `m` and `lam`, run for our number of
-evaluations without any stopping test or bookkeeping (no eager Anderson can do much less).
+residual column is the batch-max relative residual of what each returned. The `floor` rows are
+`anderson_floor` and `broyden_floor`: a bare Anderson of the same `m` and `lam` and a bare Broyden of
+the same memory, run for our number of evaluations without any stopping test or bookkeeping (no eager
+implementation of the method can do much less).
 
 Protocol: the libraries take turns (so both see the same machine load), and each timed run follows
 an untimed run of the same solver, so each is measured in its own steady state, as in a training
@@ -163,6 +164,41 @@ def anderson_floor(z0: torch.Tensor, m: int = 6, lam: float = 1e-4) -> Callable:
     return run
 
 
+def broyden_floor(z0: torch.Tensor, memory: int = 20) -> Callable:
+    """A bare good Broyden (the same low-rank update as ours, factors in a circular buffer allocated once)
+    that runs a fixed number of evaluations: four passes over the factors per step, no stopping test,
+    no per-sample bookkeeping, no safeguards. Returns `run(f, z0, evaluations)`.
+    """
+    batch, dim = z0.shape[0], z0[0].numel()
+    U, V = z0.new_empty(batch, memory, dim), z0.new_empty(batch, memory, dim)
+
+    def run(f: Callable, z0: torch.Tensor, evaluations: int) -> torch.Tensor:
+        with torch.no_grad():
+            w = z0.reshape(batch, dim)
+            r = w - f(w.view(z0.shape)).view(batch, dim)
+            Hr, n = r, 0
+            for k in range(evaluations - 1):
+                ds = -Hr
+                w = w + ds
+                r_new = w - f(w.view(z0.shape)).view(batch, dim)
+                if n:
+                    c = torch.bmm(r_new[:, None], V[:, :n].mT)
+                    Hr_new = torch.baddbmm(r_new[:, None], c, U[:, :n])[:, 0]
+                    v = torch.baddbmm(ds[:, None], torch.bmm(ds[:, None], U[:, :n].mT), V[:, :n])[:, 0]
+                else:
+                    Hr_new, v = r_new, ds
+                u = (ds - (Hr_new - Hr)) / (v * (r_new - r)).sum(1, keepdim=True)
+                Hr = Hr_new + u * (v * r_new).sum(1, keepdim=True)
+                slot = k % memory
+                if n == memory:  # the oldest pair leaves H r too
+                    Hr = Hr - U[:, slot] * c[:, 0, slot : slot + 1]
+                U[:, slot], V[:, slot] = u, v
+                n, r = min(n + 1, memory), r_new
+        return w.view(z0.shape)
+
+    return run
+
+
 def _residual(f: Callable, z: torch.Tensor) -> float:
     """The batch-max relative residual of a returned solution, to check both sides solved it."""
     with torch.no_grad():
@@ -184,8 +220,8 @@ def bench_cell(name: str, f: Callable, z0: torch.Tensor, args: argparse.Namespac
             counted = _Counted(f)
             residual[lib] = _residual(f, run(counted, z0))
             nfe[lib] = counted.count
-            if method == "anderson" and lib == "ours":  # the floor, at our number of evaluations
-                floor, evals = anderson_floor(z0), nfe["ours"]
+            if method in ("anderson", "broyden") and lib == "ours":  # the floor, at our number of evaluations
+                floor, evals = (anderson_floor if method == "anderson" else broyden_floor)(z0), nfe["ours"]
                 runs.append(("floor", lambda f, z0: floor(f, z0, evals)))
                 nfe["floor"], residual["floor"] = evals, _residual(f, floor(f, z0, evals))
             for _ in range(2):  # warm-up: first calls pay for allocations and kernel selection

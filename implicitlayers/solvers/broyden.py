@@ -85,10 +85,19 @@ class Broyden(IterativeSolver):
         scale = torch.linalg.vector_norm(ds, dim=1, keepdim=True) * torch.linalg.vector_norm(dr, dim=1, keepdim=True)
         # Skip the update (u = 0) where sᵀH y is negligible: a frozen sample, or a step that made no progress.
         denom = torch.where(denom.abs() > torch.finfo(w.dtype).eps * scale, denom, torch.inf)
-        u = (ds - (Hr - s.Hr)) / denom
-        Hr_next = torch.addcmul(Hr, u, (v * r).sum(1, keepdim=True))
+        vr = (v * r).sum(1, keepdim=True)
+        if self.line_search:
+            u = (ds - (Hr - s.Hr)) / denom
+            Hr_next = torch.addcmul(Hr, u, vr)
+        else:
+            # The full step s = −H r_old makes s − H y = −H r_new, so u = −H r_new / (sᵀ H y), and the updated
+            # H r_new is H r_new (1 − vᵀr / sᵀ H y): two passes fewer. (A frozen sample has s = 0, v = 0,
+            # hence an infinite denominator and u = 0, as the general formula gives.)
+            u = None
+            Hr_next = Hr * (1 - vr / denom)
         full = n == self.memory
         if s.grad:
+            u = Hr / -denom if u is None else u
             if full:
                 Hr_next = Hr_next - U[:, 0] * coeff[:, 0, :1]
             s.U, s.V = (s.U + [u])[-self.memory :], (s.V + [v])[-self.memory :]
@@ -96,7 +105,10 @@ class Broyden(IterativeSolver):
             slot = s.count % self.memory
             if full:  # the pair in `slot` is about to be overwritten: take it out of H r too
                 Hr_next = Hr_next - s.factors.U_slot[slot] * coeff[:, 0, slot : slot + 1]
-            s.factors.U_slot[slot].copy_(u)
+            if u is None:
+                torch.div(Hr, denom.neg(), out=s.factors.U_slot[slot])
+            else:
+                s.factors.U_slot[slot].copy_(u)
             s.factors.V_slot[slot].copy_(v)
         s.count += 1
         s.w, s.r, s.Hr = w, r, Hr_next
