@@ -111,10 +111,15 @@ class Anderson(IterativeSolver):
                 hold = frozen.to(alpha.dtype)
                 alpha = alpha * (1 - hold)[:, None, None]
                 w = torch.baddbmm((s.w * hold[:, None])[:, None], alpha, hist.Y_first[n]).squeeze(1)
-        # Without a preconditioner the residual is what the history keeps: let fn write it into its slot.
-        r = fn(w) if s.grad or s.precond is not None else fn(w, s.hist.G_slot[s.count % self.m])
+        if s.grad:
+            r = fn(w)
+            pr = r if s.precond is None else r * s.precond
+        elif s.precond is None:  # the residual is what the history keeps: let fn write it into its slot
+            r = pr = fn(w, s.hist.G_slot[s.count % self.m])
+        else:
+            r = fn(w)
+            pr = torch.mul(r, s.precond, out=s.hist.G_slot[s.count % self.m])
         s.w, s.r = w, r
-        pr = r if s.precond is None else r * s.precond
         if s.grad:
             s.Y, s.G = (s.Y + [w - self.damping * pr])[-self.m :], (s.G + [pr])[-self.m :]
         else:
