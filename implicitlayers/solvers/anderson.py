@@ -22,7 +22,8 @@ class Anderson(IterativeSolver):
     `w ← Σ α_i (w_i + damping · g_i)`.
 
     Cost per step: one evaluation plus `O(m · B · D)`: the history lives in preallocated `(B, m, D)`
-    buffers (the mixed points `w_i + damping · g_i` and the `g_i`), only the new row of the Gram
+    buffers (the mixed points `w_i + damping · g_i` and the `g_i`; kept between solves of one shape,
+    see `implicitlayers.solvers.set_workspace_limit`), only the new row of the Gram
     matrix `H = g gᵀ` is computed each step, into a preallocated `(B, m, m)` buffer, so a step is two
     batched products and one `m × m` solve (`α ∝ (H + ridge)⁻¹ 1`).
 

@@ -19,8 +19,9 @@ class Broyden(IterativeSolver):
 
     `H = diag(P) + U Vᵀ` starts at the preconditioner (so the first step is the damped fixed-point
     step) and takes one rank-one update per step, `H ← H + (s − H y) sᵀH / (sᵀ H y)` with
-    `s = Δw`, `y = ΔR`. `U`, `V` are `(B, memory, D)` buffers; when full the oldest pair is
-    overwritten, so memory is `O(memory · B · D)` whatever `max_iter` is.
+    `s = Δw`, `y = ΔR`. `U`, `V` are `(B, memory, D)` buffers (kept between solves of one shape, see
+    `implicitlayers.solvers.set_workspace_limit`); when full the oldest pair is overwritten, so memory
+    is `O(memory · B · D)` whatever `max_iter` is.
 
     A step reads the factors four times (two products for `H R(w_new)`, two for `Hᵀ s`): `H y` is
     not computed but taken as `H R(w_new) − H R(w_old)`, and `H R(w_new)` after the update is
