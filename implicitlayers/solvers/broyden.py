@@ -25,7 +25,9 @@ class Broyden(IterativeSolver):
 
     A step reads the factors four times (two products for `H R(w_new)`, two for `Hᵀ s`): `H y` is
     not computed but taken as `H R(w_new) − H R(w_old)`, and `H R(w_new)` after the update is
-    `H R(w_new) + u (vᵀ R(w_new))`, which is also the next step's direction.
+    `H R(w_new) + u (vᵀ R(w_new))`, which is also the next step's direction. Without a line search
+    the step is `s = −H R(w_old)`, so `s − H y = −H R(w_new)`: then `u` is a multiple of `H R(w_new)`
+    and the update of `H R(w_new)` a rescaling.
 
     Args:
         memory: number of rank-one pairs kept (≥ 1).
