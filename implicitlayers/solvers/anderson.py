@@ -115,18 +115,18 @@ class Anderson(IterativeSolver):
         if s.grad:
             r = fn(w)
             pr = r if s.precond is None else r * s.precond
-        elif s.precond is None:  # the residual is what the history keeps: let fn write it into its slot
-            r = pr = fn(w, s.hist.G_slot[s.count % self.m])
-        else:
-            r = fn(w)
-            pr = torch.mul(r, s.precond, out=s.hist.G_slot[s.count % self.m])
-        s.w, s.r = w, r
-        if s.grad:
             s.Y, s.G = (s.Y + [w - self.damping * pr])[-self.m :], (s.G + [pr])[-self.m :]
         else:
+            slot = s.hist.G_slot[s.count % self.m]
+            if s.precond is None:  # the residual is what the history keeps: let fn write it into its slot
+                r = pr = fn(w, slot)
+            else:
+                r = fn(w)
+                pr = torch.mul(r, s.precond, out=slot)
             # ‖R(w)‖ is on the Gram diagonal already: spare the loop one pass over the residual.
             r_sq = s.hist.record(w, pr, s.count, self.damping)
             s.r_norm = r_sq.sqrt() if s.precond is None else None
+        s.w, s.r = w, r
         s.count += 1
         return s
 
