@@ -11,6 +11,15 @@ pass `clamp=None` for unbounded features. Norms, projections and step directions
   [`robust_accuracy`][implicitlayers.robust.robust_accuracy] (`{eps: accuracy}`, `0.0` clean).
 - Training: [`trades_loss`][implicitlayers.robust.trades_loss] (TRADES) and
   [`adversarial_loss`][implicitlayers.robust.adversarial_loss] (PGD adversarial training).
+- Regulating the neural dynamics (Yang et al., ICML 2023), for a
+  [`DEQClassifier`][implicitlayers.robust.DEQClassifier] `head(deq(encoder(x)))`:
+  [`random_intermediate_states`][implicitlayers.robust.random_intermediate_states] (a training mode for
+  any model with implicit layers), [`EntropyDefence`][implicitlayers.robust.EntropyDefence] (input
+  entropy reduction at inference, Broyden's factors lifted across input changes by
+  [`SolverRun`][implicitlayers.robust.SolverRun]), [`evaluate_states`][implicitlayers.robust.evaluate_states]
+  and [`IntermediateState`][implicitlayers.robust.IntermediateState] (per-state accuracy and entropy,
+  early-state defence, surrogate gradients), and [`autoattack`][implicitlayers.robust.autoattack]
+  (AutoAttack through the optional `torchattacks`).
 
 **Attack gradients for implicit models.** By default the attack differentiates `model` itself, so for
 a DEQ the input gradient is whatever its backward mode gives: the exact implicit gradient (IFT), a
@@ -35,9 +44,38 @@ loss = robust.trades_loss(model, x, y, eps=0.1, beta=6.0)                 # then
 
 from ._attacks import fgsm as fgsm
 from ._attacks import pgd as pgd
+from ._autoattack import autoattack as autoattack
+from ._entropy import DefenceTrace as DefenceTrace
+from ._entropy import EntropyDefence as EntropyDefence
 from ._evaluate import accuracy as accuracy
 from ._evaluate import robust_accuracy as robust_accuracy
+from ._per_state import StateReport as StateReport
+from ._per_state import evaluate_states as evaluate_states
+from ._random_states import RandomIntermediateStates as RandomIntermediateStates
+from ._random_states import random_intermediate_states as random_intermediate_states
+from ._trajectory import DEQClassifier as DEQClassifier
+from ._trajectory import IntermediateState as IntermediateState
+from ._trajectory import SolverRun as SolverRun
+from ._trajectory import prediction_entropy as prediction_entropy
 from ._training import adversarial_loss as adversarial_loss
 from ._training import trades_loss as trades_loss
 
-__all__ = ["accuracy", "adversarial_loss", "fgsm", "pgd", "robust_accuracy", "trades_loss"]
+__all__ = [
+    "DEQClassifier",
+    "DefenceTrace",
+    "EntropyDefence",
+    "IntermediateState",
+    "RandomIntermediateStates",
+    "SolverRun",
+    "StateReport",
+    "accuracy",
+    "adversarial_loss",
+    "autoattack",
+    "evaluate_states",
+    "fgsm",
+    "pgd",
+    "prediction_entropy",
+    "random_intermediate_states",
+    "robust_accuracy",
+    "trades_loss",
+]
