@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import pathlib
+import sys
 
 import pytest
 import torch
@@ -302,7 +303,41 @@ def test_cells_that_cannot_be_masked_are_clear_errors():
 
 
 def _load(path: pathlib.Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
+    spec = importlib.util.spec_from_file_location(f"_test_weight_tied_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def test_the_example_compares_models_of_equal_size_in_fast_mode(tmp_path):
+    module = _load(ROOT / "examples" / "weight_tied_vs_deq.py")
+    threads = torch.get_num_threads()
+    results = module.main(["--fast", "--sweep", "--out", str(tmp_path), "--no-progress"])
+    assert torch.get_num_threads() == threads
+    comparison = results["comparison"]
+    assert [key.rsplit(" h=", 1)[0] for key in comparison] == [spec.label for spec in module.COMPARISON]
+    assert len({row["parameters"] for row in comparison.values()}) == 1  # equal parameter counts
+    for key, row in comparison.items():
+        assert 0.0 <= row["test_accuracy"]["mean"] <= 1.0 and row["seconds_per_epoch"]["mean"] > 0
+        if key.startswith("WT"):
+            assert row["forward_nfe"]["mean"] == int(key.split("L=")[1].split()[0]) and row["nonconverged"]["mean"] == 0
+        else:
+            assert row["forward_nfe"]["mean"] >= 1 and 0.0 <= row["nonconverged"]["mean"] <= 1.0
+    assert comparison["WT L=8 h=16"]["test_accuracy"]["mean"] > 0.15  # two epochs already learn (chance: 10 %)
+    assert len(results["sweep"]) == 4
+    assert all(path.exists() and path.stat().st_size > 0 for path in results["plots"])
+    assert (tmp_path / "weight_tied_vs_deq.json").exists()
+
+
+def test_the_benchmark_times_the_masked_kernels_and_the_training_steps_in_fast_mode():
+    module = _load(ROOT / "benchmarks" / "implicit_models.py")
+    results = module.main(["--fast"])
+    for table in results["kernels"].values():
+        assert set(table) == {0.05, 0.25, 0.5, 0.75}
+        assert all(set(t) == {"dense", "coo", "csr"} and min(t.values()) > 0 for t in table.values())
+    steps = results["steps"]
+    assert set(steps) == {spec.label for spec in module.example.COMPARISON}
+    assert steps["WT L=16"]["nfe"] == 16 and steps["DEQ (IFT)"]["nfe"] >= 1
+    # Unrolling keeps every step's activations: more depth, more saved memory.
+    assert steps["WT L=16"]["saved"] > steps["WT L=4"]["saved"]
