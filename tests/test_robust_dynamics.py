@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
 import sys
 
 import pytest
@@ -12,6 +14,7 @@ import implicitlayers as il
 import implicitlayers.robust as robust
 
 D, FEATURES, CLASSES = 12, 16, 4
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 class Cell(nn.Module):
@@ -285,3 +288,23 @@ def test_autoattack_stays_in_the_ball_and_matches_pgd_on_a_deq():
     assert aa < 1.0 and abs(aa - ours) <= 0.25
     with pytest.raises(ValueError, match="subset"):
         robust.autoattack(model, x, y, eps=0.1, attacks=("cw",))
+
+
+# ---------------------------------------------------------------- the example
+
+
+def test_the_example_runs_in_fast_mode(tmp_path):
+    pytest.importorskip("torchattacks")
+    spec = importlib.util.spec_from_file_location("robust_dynamics", ROOT / "examples" / "robust_dynamics.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    summary = module.main(["--fast", "--out", str(tmp_path), "--no-progress"])
+    assert torch.get_num_threads() == threads
+    assert all(p.exists() and p.stat().st_size > 0 for p in summary["plots"])
+    for variant in module.VARIANTS:
+        res = summary["results"][variant]
+        assert len(res["states"]["IFT"]["entropy"]) == module.STEPS + 1
+        for key in ("clean", "PGD-20 0.1", "AutoAttack 0.1", "defended adaptive PGD-20 0.1"):
+            mean, spread = res[key]
+            assert 0.0 <= mean <= 1.0 and spread == 0.0  # one seed in fast mode
