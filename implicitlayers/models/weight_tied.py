@@ -37,10 +37,10 @@ class WeightTied(nn.Module):
     each, uniformly without replacement, from `torch.Generator().manual_seed(seed)` (the same masks
     on every device), redrawing a mask equal to an earlier one of the same weight whenever the size
     allows `depth` distinct masks. The masks are unstructured (element-wise, also for convolutions)
-    and have the same density for every weight of the cell. The masked weights of all applications
-    are formed by one dense product per weight per forward call and used by the dense kernels
-    (`F.linear`, the convolution's own): at densities ≥ 0.25 this beats `torch.sparse` by a wide
-    margin (`benchmarks/implicit_models.py` measures it).
+    and have the same density for every weight of the cell. Each application forms its masked
+    weights by one dense product and calls the dense kernels (`F.linear`, the convolution's own): at
+    densities ≥ 0.25 this beats `torch.sparse` by a wide margin (`benchmarks/implicit_models.py`
+    measures it).
 
     Args:
         cell: the map `(z, x) -> z'`; an `nn.Module` is registered as the submodule `cell`. With masks
@@ -166,10 +166,14 @@ class WeightTied(nn.Module):
                 for _ in range(self.depth):
                     z = self.cell(z, x)
                 return z
-            # One product per weight gives the masked weights of every application: (depth, *W.shape).
-            stacks = {name: module.weight * getattr(self, self._buffer_of[name]) for name, module in self._masked.items()}
+            # Each weight (normalised, if it is) is read once. Masks are stored as booleans (a small state
+            # dict) and converted once per call: a float product is ~2.5x faster than a bool one, and a
+            # product per application is faster than slicing one stacked product, whose backward writes
+            # a zero-filled gradient of the whole stack for every slice.
+            weights = {name: module.weight for name, module in self._masked.items()}
+            masks = {name: getattr(self, self._buffer_of[name]).to(weights[name].dtype) for name in self._masked}
             for step in range(self.depth):
-                with apply_masks(self._masked, {name: stack[step] for name, stack in stacks.items()}):
+                with apply_masks(self._masked, {name: weights[name] * masks[name][step] for name in self._masked}):
                     z = self.cell(z, x)
         return z
 
