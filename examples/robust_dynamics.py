@@ -32,20 +32,21 @@ import json
 import pathlib
 import time
 import warnings
-from typing import Any, Callable, Dict, List
+from collections.abc import Callable
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from sklearn.model_selection import train_test_split  # noqa: E402
-from torch import nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import nn
+from tqdm import tqdm
 
-import implicitlayers as il  # noqa: E402
-import implicitlayers.robust as robust  # noqa: E402
+import implicitlayers as il
+from implicitlayers import robust
 
 TRAIN_EPS = 0.1
 STEPS = 8  # forward solver steps (the paper's F_THRES for its MDEQ)
@@ -111,11 +112,11 @@ def pgd20(model: Callable, x, y, eps: float, seed: int, **kw) -> torch.Tensor:
     return robust.pgd(model, x, y, eps=eps, steps=20, step_size=eps / 4, generator=torch.Generator().manual_seed(seed), **kw)
 
 
-def evaluate(model: robust.DEQClassifier, test, eps_list: List[float], aa_samples: int, square_queries: int, seed: int) -> Dict[str, Any]:
+def evaluate(model: robust.DEQClassifier, test, eps_list: list[float], aa_samples: int, square_queries: int, seed: int) -> dict[str, Any]:
     x, y = test
     acc = robust.accuracy
     defence = robust.EntropyDefence(model, eps=TRAIN_EPS, steps=STEPS, every=2, input_steps=10)
-    out: Dict[str, Any] = {"clean": acc(model, x, y), "defended clean": acc(defence, x, y)}
+    out: dict[str, Any] = {"clean": acc(model, x, y), "defended clean": acc(defence, x, y)}
     xa, ya = x[:aa_samples], y[:aa_samples]
     for eps in eps_list:
         x_adv = pgd20(model, x, y, eps, seed)
@@ -127,10 +128,10 @@ def evaluate(model: robust.DEQClassifier, test, eps_list: List[float], aa_sample
         out[f"defended adaptive APGD-CE {eps}"] = acc(defence, robust.autoattack(defence, xa, ya, eps, attacks=("apgd-ce",), seed=seed), ya)
     # Per-state accuracy and entropy at the training radius, three gradient sources for the attack.
     sources = {
-        "clean": dict(eps=0.0),
-        "IFT": dict(eps=TRAIN_EPS),
-        "phantom": dict(eps=TRAIN_EPS, grad_model=robust.IntermediateState(model, state=STEPS, unroll=5)),
-        "unroll state 4": dict(eps=TRAIN_EPS, grad_model=robust.IntermediateState(model, state=4, unroll=5)),
+        "clean": {"eps": 0.0},
+        "IFT": {"eps": TRAIN_EPS},
+        "phantom": {"eps": TRAIN_EPS, "grad_model": robust.IntermediateState(model, state=STEPS, unroll=5)},
+        "unroll state 4": {"eps": TRAIN_EPS, "grad_model": robust.IntermediateState(model, state=4, unroll=5)},
     }
     states = {}
     for name, kw in sources.items():
@@ -148,10 +149,10 @@ def evaluate(model: robust.DEQClassifier, test, eps_list: List[float], aa_sample
     return out
 
 
-def aggregate(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and half-range over seeds, for every scalar and every per-state list."""
 
-    def merge(values: List[Any]) -> Any:
+    def merge(values: list[Any]) -> Any:
         if isinstance(values[0], dict):
             return {k: merge([v[k] for v in values]) for k in values[0]}
         if isinstance(values[0], list):
@@ -162,7 +163,7 @@ def aggregate(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     return merge(runs)
 
 
-def plot(results: Dict[str, Any], eps_list: List[float], out: pathlib.Path) -> List[pathlib.Path]:
+def plot(results: dict[str, Any], eps_list: list[float], out: pathlib.Path) -> list[pathlib.Path]:
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for variant, res in results.items():
         for ax, key in zip(axes, ("PGD-20", "AutoAttack", "defended adaptive PGD-20")):
@@ -192,7 +193,7 @@ def plot(results: Dict[str, Any], eps_list: List[float], out: pathlib.Path) -> L
     return [acc_path, states_path]
 
 
-def main(argv: List[str] | None = None) -> Dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=8)

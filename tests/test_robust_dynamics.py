@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import implicitlayers as il
-import implicitlayers.robust as robust
+from implicitlayers import robust
 
 D, FEATURES, CLASSES = 12, 16, 4
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -157,9 +157,8 @@ def test_random_states_restore_the_layer_when_the_forward_fails():
     model = classifier()
     layer = model.deq.layer
     solver = layer.solver
-    with robust.random_intermediate_states(model):
-        with pytest.raises(RuntimeError):
-            model(torch.rand(3, FEATURES + 1, dtype=torch.float64))
+    with robust.random_intermediate_states(model), pytest.raises(RuntimeError):
+        model(torch.rand(3, FEATURES + 1, dtype=torch.float64))
     assert layer.solver is solver
 
 

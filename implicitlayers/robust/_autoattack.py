@@ -10,7 +10,7 @@ FAB casts to float32 (a float32 facade around a float64 model), APGD returns ten
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -14,13 +14,21 @@ differentiated at `x'` by its own backward mode (the exact IFT by default).
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+import functools
 
 import torch
 from torch import nn
 
 from ..nn import cached_weights
-from ._common import Clamp, check_clamp, check_eps, check_positive_int, check_step_size, input_gradient, project
+from ._common import (
+    Clamp,
+    check_clamp,
+    check_eps,
+    check_positive_int,
+    check_step_size,
+    input_gradient,
+    project,
+)
 from ._trajectory import DEQClassifier, InputChange, SolverRun, prediction_entropy
 
 __all__ = ["DefenceTrace", "EntropyDefence"]
@@ -42,9 +50,9 @@ class DefenceTrace:
 
     x: torch.Tensor
     logits: torch.Tensor
-    inputs: List[torch.Tensor]
-    entropy: List[float]
-    states: List[torch.Tensor]
+    inputs: list[torch.Tensor]
+    entropy: list[float]
+    states: list[torch.Tensor]
     residual: torch.Tensor
 
 
@@ -97,7 +105,7 @@ class EntropyDefence(nn.Module):
         steps: int = 8,
         every: int = 2,
         input_steps: int = 10,
-        step_size: Optional[float] = None,
+        step_size: float | None = None,
         on_input_change: InputChange = "lift",
         clamp: Clamp = (0.0, 1.0),
     ) -> None:
@@ -134,11 +142,7 @@ class EntropyDefence(nn.Module):
                     done = len(states) - 1
                     if done >= self.steps:
                         break
-                    z = run.z
-
-                    def objective(x_in: torch.Tensor) -> torch.Tensor:
-                        return prediction_entropy(model.head(model.deq.cell(z, model.encoder(x_in))))
-
+                    objective = functools.partial(self._entropy, run.z)
                     for _ in range(self.input_steps):
                         grad, value = input_gradient(objective, x_cur, who)
                         entropy.append(float(value.mean()))
@@ -153,6 +157,11 @@ class EntropyDefence(nn.Module):
             finally:
                 run.close()
         return DefenceTrace(x=x_cur, logits=logits, inputs=inputs, entropy=entropy, states=states, residual=residual)
+
+    def _entropy(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Entropy of the prediction one cell step from the state `z`, for input `x`: `H(softmax(head(f(z, u(x)))))`."""
+        model = self.model
+        return prediction_entropy(model.head(model.deq.cell(z, model.encoder(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The defended logits; with gradient (BPDA) when `x` requires it and gradient recording is on."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, Optional, Union
+from typing import Any
 
 import torch
 
@@ -24,8 +24,8 @@ class StateReport:
         entropy: mean prediction entropy of `head(z_t)` (nats).
     """
 
-    accuracy: List[float]
-    entropy: List[float]
+    accuracy: list[float]
+    entropy: list[float]
 
 
 def evaluate_states(
@@ -34,8 +34,8 @@ def evaluate_states(
     *,
     steps: int,
     eps: float = 0.0,
-    attack: Union[str, Attack] = pgd,
-    grad_model: Optional[Classifier] = None,
+    attack: str | Attack = pgd,
+    grad_model: Classifier | None = None,
     batch_size: int = 256,
     **attack_kwargs: Any,
 ) -> StateReport:

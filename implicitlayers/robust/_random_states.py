@@ -11,10 +11,11 @@ training mode is: a capped copy of the layer's solver plus `Phantom(k, λ)`, swa
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import Self
 
 from ..backward import Phantom
 from ..layer import ImplicitLayer
@@ -32,12 +33,12 @@ class RandomIntermediateStates:
         budgets: the budget `T` drawn for each training-mode call so far, in order.
     """
 
-    def __init__(self, model: nn.Module, layers: List[ImplicitLayer], max_steps: int, k: int, damping: float,
-                 generator: Optional[torch.Generator]) -> None:
+    def __init__(self, model: nn.Module, layers: list[ImplicitLayer], max_steps: int, k: int, damping: float,
+                 generator: torch.Generator | None) -> None:
         self.layers, self.max_steps, self.generator = layers, max_steps, generator
         self.phantom = Phantom(k=k, damping=damping)
-        self.budgets: List[int] = []
-        self._saved: Optional[List[Any]] = None
+        self.budgets: list[int] = []
+        self._saved: list[Any] | None = None
         self._handles = [
             model.register_forward_pre_hook(self._enter),
             model.register_forward_hook(self._exit, always_call=True),
@@ -67,10 +68,10 @@ class RandomIntermediateStates:
             handle.remove()
         self._handles = []
 
-    def __enter__(self) -> "RandomIntermediateStates":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.remove()
 
 
@@ -80,7 +81,7 @@ def random_intermediate_states(
     max_steps: int = 8,
     k: int = 5,
     damping: float = 0.5,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> RandomIntermediateStates:
     """Train `model` on random intermediate solver states instead of its equilibria.
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import copy
 import numbers
-from typing import Callable, List, Literal, Optional
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,7 @@ class DEQClassifier(nn.Module):
         """Logits at the equilibrium, differentiable by the DEQ's backward mode."""
         return self.head(self.deq(self.encoder(x)))
 
-    def states(self, x: torch.Tensor, steps: int) -> List[torch.Tensor]:
+    def states(self, x: torch.Tensor, steps: int) -> list[torch.Tensor]:
         """The solver's states `z_0 (the start), z_1, …, z_steps` for input `x`, detached.
 
         Every sample takes every step (no per-sample stopping), so state `t` means the same budget for
@@ -99,7 +100,7 @@ class SolverRun:
         self.shape = z0.shape
         self._fn = self._residual(self.u)
         self.state = self._init(z0.reshape(z0.shape[0], -1))
-        self._before: Optional[object] = None  # the state before the last step
+        self._before: object | None = None  # the state before the last step
 
     def _init(self, w: torch.Tensor) -> object:
         with torch.no_grad():
