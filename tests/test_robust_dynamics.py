@@ -8,6 +8,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import implicitlayers as il
@@ -203,6 +205,18 @@ def test_entropy_reduction_lowers_the_entropy_and_stays_in_the_ball_and_the_box(
     for values in per_update:
         assert values[-1] < values[0]
     torch.testing.assert_close(defence(x), trace.logits, atol=0, rtol=0)
+
+
+@settings(max_examples=12, deadline=None)
+@given(eps=st.floats(0.0, 0.5), step_size=st.floats(1e-3, 0.6), every=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_every_purified_input_lies_in_the_ball_and_the_box(eps, step_size, every, seed):
+    model = classifier(il.Anderson(tol=1e-6, max_iter=20))
+    x, _ = batch(4, seed=seed)
+    x[0, 0], x[1, 1] = 0.0, 1.0  # pixels on the edge of the box
+    trace = robust.EntropyDefence(model, eps=eps, steps=4, every=every, input_steps=2, step_size=step_size).defend(x)
+    for x_t in trace.inputs:
+        assert float((x_t - x).abs().max()) <= eps + 1e-12
+        assert float(x_t.min()) >= 0 and float(x_t.max()) <= 1
 
 
 def test_entropy_defence_gives_the_bpda_gradient_to_an_adaptive_attack():
