@@ -116,17 +116,18 @@ def _smooth_residual(seed: int):
 
 
 def _reference_broyden(R, w, memory: int, steps: int) -> list[torch.Tensor]:
-    """Limited-memory good Broyden written densely: H = I + Σ u vᵀ over the kept pairs, rebuilt every step."""
+    """Limited-memory type-II Broyden written densely: H rebuilt every step from I by the rank-one
+    updates `H ← H + (s − H y) yᵀ / yᵀy` of the last `memory` pairs (s, y), oldest first."""
     eye = torch.eye(w.shape[1], dtype=w.dtype)
     pairs, r, norms = [], R(w), [R(w).norm(dim=1)]
     for _ in range(steps):
-        H = eye.expand(w.shape[0], -1, -1) + sum((u[:, :, None] * v[:, None, :] for u, v in pairs), torch.zeros_like(eye))
+        H = eye.expand(w.shape[0], -1, -1)
+        for s_, y_ in pairs:
+            Hy = (H @ y_[:, :, None])[:, :, 0]
+            H = H + (s_ - Hy)[:, :, None] * y_[:, None, :] / (y_ * y_).sum(1)[:, None, None]
         s = -(H @ r[:, :, None])[:, :, 0]
         r_new = R(w + s)
-        Hy = (H @ (r_new - r)[:, :, None])[:, :, 0]
-        v = (H.transpose(1, 2) @ s[:, :, None])[:, :, 0]
-        u = (s - Hy) / (v * (r_new - r)).sum(1, keepdim=True)
-        pairs = (pairs + [(u, v)])[-memory:]
+        pairs = (pairs + [(s, r_new - r)])[-memory:]
         w, r = w + s, r_new
         norms.append(r.norm(dim=1))
     return norms
@@ -153,9 +154,10 @@ def _reference_anderson(R, w, m: int, lam: float, steps: int) -> list[torch.Tens
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["buffers", "unrolled"])
-@pytest.mark.parametrize("memory", [2, 30])
+@pytest.mark.parametrize("memory", [1, 2, 3, 30])
 def test_broyden_steps_are_the_textbook_ones(memory, grad):
-    # Its circular buffer, the H·y shortcut and the dropped-pair correction must reproduce the dense method.
+    # Its circular buffer, compact form and rolled triangle must reproduce the dense method, with a
+    # full memory dropping its oldest pair exactly (as if restarted from H₀ on the pairs kept).
     R = _smooth_residual(seed=8)
     w0 = torch.zeros(3, 5, dtype=torch.float64)
     solver = il.Broyden(memory=memory, stop="abs", tol=1e-300, max_iter=9, trace=True, on_failure="ignore")
@@ -341,11 +343,11 @@ def test_unknown_options_are_a_type_error(cls):
         (lambda: il.Broyden(tol=-1e-3), "tol must be a positive number"),
         (lambda: il.FixedPointIteration(max_iter=0), "max_iter must be an integer >= 1"),
         (lambda: il.Anderson(m=0), "m must be an integer >= 1"),
-        (lambda: il.Anderson(lam=-1.0), "lam must be >= 0"),
+        (lambda: il.Anderson(lam=-1.0), "lam must be a finite number >= 0"),
         (lambda: il.Broyden(memory=0), "memory must be an integer >= 1"),
         (lambda: il.Broyden(line_search="yes"), "line_search must be a bool"),
-        (lambda: il.Anderson(damping=0.0), r"damping must lie in \(0, 1\]"),
-        (lambda: il.FixedPointIteration(damping=1.5), r"damping must lie in \(0, 1\]"),
+        (lambda: il.Anderson(damping=0.0), r"damping must be a number in \(0, 1\]"),
+        (lambda: il.FixedPointIteration(damping=1.5), r"damping must be a number in \(0, 1\]"),
         (lambda: il.Anderson(stop="max"), "stop must be one of"),
         (lambda: il.Broyden(on_failure="explode"), "on_failure must be one of"),
         (lambda: il.Anderson(check_every=0), "check_every must be None or an integer >= 1"),

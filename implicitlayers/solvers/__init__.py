@@ -6,6 +6,7 @@ from ._functional import FunctionalSolution as FunctionalSolution
 from ._functional import fixed_point as fixed_point
 from ._functional import root as root
 from ._info import SolveInfo as SolveInfo
+from ._info import Status as Status
 from ._info import apply_failure_policy as apply_failure_policy
 from .anderson import Anderson as Anderson
 from .broyden import Broyden as Broyden

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -27,10 +27,19 @@ class IterativeSolver(SolverConfig):
         """Hand the state's reusable buffers back once the solve has ended (nothing to do by default)."""
 
     def solve(
-        self, residual_fn: ResidualFn, w0: torch.Tensor, *, precond: torch.Tensor | None = None, name: str = "solve"
+        self,
+        residual_fn: ResidualFn,
+        w0: torch.Tensor,
+        *,
+        precond: torch.Tensor | None = None,
+        name: str = "solve",
+        hints: Mapping[str, str] | None = None,
     ) -> tuple[torch.Tensor, SolveInfo]:
-        """Solve `R(w) = 0` for flat `(B, D)` unknowns; see `implicitlayers.solvers._loop.iterate`."""
-        return iterate(self, residual_fn, w0, precond=precond, name=name)
+        """Solve `R(w) = 0` for flat `(B, D)` unknowns; see `implicitlayers.solvers._loop.iterate`.
+
+        `hints` is advice by failure cause for the failure message (see `apply_failure_policy`).
+        """
+        return iterate(self, residual_fn, w0, precond=precond, name=name, hints=hints)
 
     def solve_linear(
         self,
@@ -40,6 +49,7 @@ class IterativeSolver(SolverConfig):
         *,
         precond: torch.Tensor | None = None,
         name: str = "linear solve",
+        hints: Mapping[str, str] | None = None,
     ) -> tuple[torch.Tensor, SolveInfo]:
         """Solve `A x = b` per sample as the root of `R(x) = A x − b`.
 
@@ -52,4 +62,4 @@ class IterativeSolver(SolverConfig):
             return torch.sub(matvec(x), b, out=into)
 
         residual.writes_into = True  # type: ignore[attr-defined]
-        return self.solve(residual, start, precond=precond, name=name)
+        return self.solve(residual, start, precond=precond, name=name, hints=hints)

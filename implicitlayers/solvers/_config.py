@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+import math
+from typing import Callable, Literal
 
-__all__ = ["SolverConfig"]
+__all__ = ["SolverConfig", "check_int", "check_real"]
 
 _STOPS = ("rel", "abs")
 _POLICIES = ("warn", "raise", "ignore")
@@ -35,17 +36,34 @@ class SolverConfig:
     trace: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.tol, (int, float)) or not self.tol > 0:
-            raise ValueError(f"{type(self).__name__}: tol must be a positive number, got {self.tol!r}.")
-        if not isinstance(self.max_iter, int) or self.max_iter < 1:
-            raise ValueError(f"{type(self).__name__}: max_iter must be an integer >= 1, got {self.max_iter!r}.")
+        check_real(self, "tol", "a positive number (finite)", lambda v: 0 < v < math.inf)
+        check_int(self, "max_iter", low=1)
         if self.stop not in _STOPS:
             raise ValueError(f"{type(self).__name__}: stop must be one of {_STOPS}, got {self.stop!r}.")
         if self.on_failure not in _POLICIES:
             raise ValueError(f"{type(self).__name__}: on_failure must be one of {_POLICIES}, got {self.on_failure!r}.")
-        if self.check_every is not None and (not isinstance(self.check_every, int) or self.check_every < 1):
-            raise ValueError(f"{type(self).__name__}: check_every must be None or an integer >= 1, got {self.check_every!r}.")
+        if self.check_every is not None:
+            check_int(self, "check_every", low=1, also="None or ")
+        if not isinstance(self.trace, bool):
+            raise ValueError(f"{type(self).__name__}: trace must be a bool, got {self.trace!r}.")
 
     def replace(self, **changes) -> "SolverConfig":
         """A copy with some options changed (configs are immutable)."""
         return dataclasses.replace(self, **changes)
+
+
+def check_int(config: object, name: str, *, low: int, also: str = "") -> None:
+    """Raise `ValueError` unless the option `name` is an integer >= `low` (a bool is not an integer here)."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{type(config).__name__}: {name} must be {also}an integer >= {low}, got {value!r}.")
+
+
+def check_real(config: object, name: str, valid: str, accept: Callable[[float], bool]) -> None:
+    """Raise `ValueError` unless the option `name` is a real number (not a bool) that `accept`s; NaN never passes.
+
+    `valid` describes the valid range for the message (e.g. `"a number in (0, 1]"`).
+    """
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not accept(float(value)):
+        raise ValueError(f"{type(config).__name__}: {name} must be {valid}, got {value!r}.")

@@ -17,17 +17,23 @@ write into an iterate they returned).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+import contextlib
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
-from ._info import SolveInfo, apply_failure_policy
+from ._info import SolveInfo, Status, apply_failure_policy
+from ._precision import work_dtype
 
 __all__ = ["ResidualFn", "IterativeState", "iterate", "stopping_measure"]
 
 ResidualFn = Callable[[torch.Tensor], torch.Tensor]
 
 _REL_EPS = 1e-8
+# A sample whose residual norm grows this much over its lowest is stopped as diverged.
+_DIVERGED = 1e8
+# A relative residual this many machine epsilons small is at the dtype's floor: a sample stuck there stalled.
+_FLOOR_ULPS = 16
 
 
 class IterativeState(Protocol):
@@ -43,17 +49,26 @@ class IterativeState(Protocol):
     r: torch.Tensor
 
 
-def _measure(r: torch.Tensor, w: torch.Tensor, rel: bool, r_norm: torch.Tensor | None = None) -> torch.Tensor:
-    """‖R(w)‖ or ‖R(w)‖ / (‖w‖ + 1e-8) per sample (`r_norm`: ‖R(w)‖ if known); NaN stays NaN."""
-    res = torch.linalg.vector_norm(r, dim=1) if r_norm is None else r_norm
-    if rel:
-        res = res / torch.linalg.vector_norm(w, dim=1).add(_REL_EPS)
-    return res
+def _measure(
+    r: torch.Tensor, w: torch.Tensor, rel: bool, r_norm: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, ‖R(w)‖ and the stopping measure (‖R(w)‖, or ‖R(w)‖ / (‖w‖ + eps)); NaN stays NaN.
+
+    Norms are taken in at least float32 (`work_dtype`): in float16 a norm overflows at 256 and the
+    guard `eps` would round to zero, which made every relative test from a zero start infinite.
+    """
+    dtype = work_dtype(r.dtype)
+    wide = None if dtype == r.dtype else dtype  # passing the input's own dtype would copy needlessly
+    res = torch.linalg.vector_norm(r, dim=1, dtype=wide) if r_norm is None else r_norm.to(dtype)
+    if not rel:
+        return res, res
+    eps = max(_REL_EPS, torch.finfo(dtype).tiny)
+    return res, res / torch.linalg.vector_norm(w, dim=1, dtype=wide).add(eps)
 
 
 def stopping_measure(r: torch.Tensor, w: torch.Tensor, stop: str) -> torch.Tensor:
     """Per-sample stopping measure: ‖R(w)‖ (`"abs"`) or ‖R(w)‖ / (‖w‖ + 1e-8) (`"rel"`); non-finite → inf."""
-    return torch.nan_to_num(_measure(r, w, stop == "rel"), nan=float("inf"), posinf=float("inf"))
+    return torch.nan_to_num(_measure(r, w, stop == "rel")[1], nan=float("inf"), posinf=float("inf"))
 
 
 class _Counted:
@@ -62,18 +77,33 @@ class _Counted:
     A residual function whose attribute `writes_into` is true takes a second argument, a `(B, D)`
     buffer, writes `R(w)` there and returns it (Anderson passes the history slot the residual is
     headed for, which spares a copy per step). Any other function is called with `w` alone.
+
+    Under `torch.autocast` the solver's own arithmetic runs with autocast off (its small systems and
+    norms would otherwise run in bfloat16/float16), and each call of the function re-enters the
+    caller's autocast (`amp`: device type and dtype), so the user's model still runs in mixed precision.
     """
 
-    __slots__ = ("fn", "count", "writes_into")
+    __slots__ = ("fn", "count", "writes_into", "amp")
 
-    def __init__(self, fn: ResidualFn) -> None:
+    def __init__(self, fn: ResidualFn, amp: tuple[str, torch.dtype] | None = None) -> None:
         self.fn = fn
         self.count = 0
         self.writes_into = bool(getattr(fn, "writes_into", False))
+        self.amp = amp
 
     def __call__(self, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         self.count += 1
+        if self.amp is not None:
+            with torch.autocast(self.amp[0], dtype=self.amp[1]):
+                return self.fn(w, out) if out is not None and self.writes_into else self.fn(w)
         return self.fn(w, out) if out is not None and self.writes_into else self.fn(w)
+
+
+def _caller_autocast(device_type: str) -> tuple[str, torch.dtype] | None:
+    """The caller's autocast for this device type, or `None` when it is off."""
+    if device_type not in ("cpu", "cuda", "xpu", "mps") or not torch.is_autocast_enabled(device_type):
+        return None
+    return device_type, torch.get_autocast_dtype(device_type)
 
 
 def iterate(
@@ -83,17 +113,30 @@ def iterate(
     *,
     precond: torch.Tensor | None = None,
     name: str = "solve",
+    hints: Mapping[str, str] | None = None,
 ) -> tuple[torch.Tensor, SolveInfo]:
     """Drive `R(w) = 0` from `w0` with `solver`, sample by sample.
 
-    A sample freezes (its iterate stops changing) once its best residual is within `tol`, or once its
-    residual turns non-finite (it is then failed and returned at its best finite iterate), so each
-    sample's result does not depend on which other samples share the batch.
+    A sample freezes (its iterate stops changing) once its stopping measure is within `tol`, once its
+    residual turns non-finite, or once its residual norm has grown `1e8`-fold over its lowest
+    (diverged); each sample's result therefore does not depend on which other samples share the batch.
+
+    The iterate returned for a sample that did not converge is the one of lowest residual *norm*
+    ‖R(w)‖, whatever the stopping measure: the relative measure ‖R(w)‖ / ‖w‖ falls as a diverging
+    iterate grows, so it must not pick the answer. `SolveInfo.status` says why each sample ended
+    (see `Status`); `hints` is advice by cause for the failure message (`apply_failure_policy`).
 
     Returns:
         The best iterate of each sample, `(B, D)`, and its `SolveInfo`.
     """
-    fn = _Counted(residual_fn)
+    amp = _caller_autocast(w0.device.type)
+    with contextlib.nullcontext() if amp is None else torch.autocast(amp[0], enabled=False):
+        return _iterate(solver, _Counted(residual_fn, amp), w0, precond, name, hints)
+
+
+def _iterate(solver: Any, fn: _Counted, w0: torch.Tensor, precond: torch.Tensor | None, name: str,
+             hints: Mapping[str, str] | None) -> tuple[torch.Tensor, SolveInfo]:
+    """`iterate` with the residual function wrapped (and autocast off for the solver's arithmetic)."""
     check_every = solver.check_every or (8 if w0.is_cuda else 1)
     # With a check every step (the CPU default) host-side tests are free, so use them to skip masks.
     eager = check_every == 1
@@ -102,13 +145,18 @@ def iterate(
     if r0.shape != w0.shape:
         raise ValueError(f"{name}: the residual has shape {tuple(r0.shape)} but the unknown has shape {tuple(w0.shape)}; they must match.")
     state = solver.init(fn, w0, r0, precond)
-    best_res = _measure(r0, w0, rel)
-    frozen = (best_res <= tol) | ~torch.isfinite(best_res)
-    # best_res holds no NaN from here on, so `res < best_res` is False for a NaN residual.
+    best_abs, best_res = _measure(r0, w0, rel)
+    bad = ~torch.isfinite(best_res)
+    frozen = (best_res <= tol) | bad
+    status = bad.long() * int(Status.NONFINITE)
+    # The bests hold no NaN from here on, so `res < best` is False for a NaN residual.
+    best_abs = torch.nan_to_num(best_abs, nan=float("inf"))
     best_res = torch.nan_to_num(best_res, nan=float("inf"))
     best_w = w0
     nstep = torch.zeros(batch, dtype=torch.long, device=w0.device)
     unmasked_steps = 0  # steps in which the host knew that every sample ran (added to nstep at the end)
+    newest_best = torch.zeros_like(nstep)  # the step of each sample's newest lowest residual norm
+    all_improved_at = 0  # ... or the newest step at which every sample improved (a tensor-free record)
     trace = [best_res.clone()] if solver.trace else None
     # 0-dim tensors: comparing with a Python float would wrap it into a new tensor every step.
     tol_t, inf_t = best_res.new_tensor(tol), best_res.new_tensor(float("inf"))
@@ -122,29 +170,60 @@ def iterate(
                 if n_frozen == 0:
                     mask = None
             state = solver.step(fn, state, mask)
-            res = _measure(state.r, state.w, rel, getattr(state, "r_norm", None))
-            improved = res < best_res  # False for NaN
+            res_abs, res = _measure(state.r, state.w, rel, getattr(state, "r_norm", None))
+            improved = res_abs < best_abs  # False for NaN
             if mask is None:
                 unmasked_steps += 1
             else:
                 nstep = nstep + ~frozen
             if eager and bool(improved.all()):  # the common case: every residual finite and lower
-                best_w, best_res = state.w, res
+                best_w, best_abs, best_res = state.w, res_abs, res
                 frozen = frozen | (res <= tol_t)
+                all_improved_at = k + 1
             else:
-                if eager:  # copying the improved rows is several times cheaper than a row-masked `where` on the CPU
-                    rows = improved.nonzero()[:, 0]
+                # An iterate within tol is the answer even where another had a lower norm (the "rel" test).
+                take = improved | (res <= tol_t)
+                if eager:  # copying the taken rows is several times cheaper than a row-masked `where` on the CPU
+                    rows = take.nonzero()[:, 0]
                     best_w = best_w.index_copy(0, rows, state.w.index_select(0, rows))
                 else:
-                    best_w = torch.where(improved[:, None], state.w, best_w)
-                best_res = torch.where(improved, res, best_res)
-                frozen = frozen | (best_res <= tol_t) | ~(res < inf_t)
+                    best_w = torch.where(take[:, None], state.w, best_w)
+                best_abs = torch.where(take, res_abs, best_abs)
+                best_res = torch.where(take, res, best_res)
+                newest_best = torch.where(improved, k + 1, newest_best)
+                nonfinite = ~(res_abs < inf_t)
+                diverged = res_abs > best_abs * _DIVERGED
+                ended = (nonfinite | diverged) & ~frozen
+                if not eager or bool(ended.any()):
+                    code = torch.where(nonfinite, int(Status.NONFINITE), int(Status.DIVERGED))
+                    status = torch.where(ended, code, status)
+                frozen = frozen | (best_res <= tol_t) | nonfinite | diverged
             if trace is not None:
                 trace.append(torch.nan_to_num(res, nan=float("inf")))
     finally:
         solver.release(state)  # the solve is over: its buffers may serve the next one
     if best_w is w0:  # never hand the caller's tensor back as the solution
         best_w = w0.clone()
-    info = SolveInfo(nstep=nstep + unmasked_steps, residual=best_res, converged=best_res <= tol, nfe=fn.count, trace=trace)
-    apply_failure_policy(info, name=name, tol=tol, max_iter=solver.max_iter, on_failure=solver.on_failure)
+    nstep = nstep + unmasked_steps
+    # A relative measure is 0 at an infinite iterate: only a finite iterate can have converged.
+    converged = (best_res <= tol) & torch.isfinite(best_w).all(1)
+    # A residual within a few rounding errors of the iterate cannot fall further in this dtype.
+    rel_best = best_res if rel else _measure(best_w, best_w, True, best_abs)[1]
+    at_floor = rel_best <= _FLOOR_ULPS * torch.finfo(w0.dtype).eps
+    status = _final_status(status, converged, nstep, torch.clamp(newest_best, min=all_improved_at), at_floor)
+    info = SolveInfo(nstep=nstep, residual=best_res, converged=converged, nfe=fn.count, trace=trace, status=status)
+    apply_failure_policy(info, name=name, tol=tol, max_iter=solver.max_iter, on_failure=solver.on_failure, hints=hints)
     return best_w, info
+
+
+def _final_status(
+    status: torch.Tensor, converged: torch.Tensor, nstep: torch.Tensor, newest_best: torch.Tensor, at_floor: torch.Tensor
+) -> torch.Tensor:
+    """Why each sample ended: converged, else the cause the loop saw (non-finite, diverged), else
+    stalled (its residual is at the dtype's rounding floor, or it found no new lowest residual in the
+    second half of its steps, at least 5), else the iteration cap."""
+    stalled = at_floor | ((nstep - newest_best) >= torch.clamp(nstep // 2, min=5))
+    open_ = torch.where(stalled, int(Status.STALLED), int(Status.MAX_ITER))
+    status = torch.where(status == int(Status.CONVERGED), open_, status)
+    status = torch.where(converged, int(Status.CONVERGED), status)
+    return torch.where(~converged & (status == int(Status.CONVERGED)), int(Status.NONFINITE), status)

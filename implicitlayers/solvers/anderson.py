@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from types import SimpleNamespace
 
 import torch
 
 from . import _workspace
 from ._base import IterativeSolver
+from ._config import check_int, check_real
+from ._precision import bmm, work_dtype
 
 __all__ = ["Anderson"]
 
@@ -41,12 +44,9 @@ class Anderson(IterativeSolver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.m, int) or self.m < 1:
-            raise ValueError(f"Anderson: m must be an integer >= 1, got {self.m!r}.")
-        if not isinstance(self.lam, (int, float)) or self.lam < 0:
-            raise ValueError(f"Anderson: lam must be >= 0, got {self.lam!r}.")
-        if not isinstance(self.damping, (int, float)) or not 0 < self.damping <= 1:
-            raise ValueError(f"Anderson: damping must lie in (0, 1], got {self.damping!r}.")
+        check_int(self, "m", low=1)
+        check_real(self, "lam", "a finite number >= 0", lambda v: 0 <= v < math.inf)
+        check_real(self, "damping", "a number in (0, 1]", lambda v: 0 < v <= 1)
 
     def init(self, fn, w, r, precond):
         # Under autograd (Unroll) in-place buffer writes would break the graph, so keep lists then.
@@ -104,6 +104,7 @@ class Anderson(IterativeSolver):
             hist = s.hist
             # (B, 1, n); n == 1 is the plain damped step
             alpha = hist.ones[1].mT if n == 1 else self._weights_buffered(s, n)
+            alpha = alpha.to(s.w.dtype)  # the small system is solved in float32 for half precision
             if frozen is None:
                 w = torch.bmm(alpha, hist.Y_first[n]).squeeze(1)
             else:
@@ -136,13 +137,13 @@ class Anderson(IterativeSolver):
         if n == 1:
             w = Y[:, 0]
         else:
-            H = torch.bmm(G, G.transpose(1, 2))
+            H = bmm(G, G.transpose(1, 2))  # in float32 for half precision (see `work_dtype`)
             if frozen is not None:
                 # A frozen sample repeats its history, which can make its system singular: NaN weights would
                 # be discarded below, but their gradients (0 · NaN) would not. Give it a harmless system.
                 H = torch.where(frozen[:, None, None], torch.eye(n, dtype=H.dtype, device=H.device), H)
             alpha = self._weights(H, H.new_ones(H.shape[0], n, 1), n - 1, in_place=False)
-            w = torch.bmm(alpha, Y)[:, 0]
+            w = torch.bmm(alpha.to(Y.dtype), Y)[:, 0]
         return w if frozen is None else torch.where(frozen[:, None], s.w, w)
 
 
@@ -160,14 +161,15 @@ class _History:
         self.m = m
         self.Y = like.new_empty(batch, m, dim)
         self.G = like.new_empty(batch, m, dim)
-        self.H = like.new_zeros(batch, m, m)
+        # The Gram matrix and its solve in at least float32 (a float16 squared norm overflows at 256).
+        self.H = torch.zeros(batch, m, m, dtype=work_dtype(like.dtype), device=like.device)
         self.nbytes = self.Y.nbytes + self.G.nbytes + self.H.nbytes
         self._eyes: dict[float, list[torch.Tensor]] = {}
         # Indexed by the number n of filled slots:
         self.Y_first = [self.Y[:, :n] for n in range(m + 1)]
         self.H_first = [self.H[:, :n, :n] for n in range(m + 1)]
         self.diag_first = [torch.diagonal(h, dim1=1, dim2=2).unsqueeze(1) for h in self.H_first]  # (B, 1, n)
-        self.ones = [like.new_ones(batch, n, 1) for n in range(m + 1)]
+        self.ones = [self.H.new_ones(batch, n, 1) for n in range(m + 1)]
         # Indexed by slot: the newest pr as a row, and where its Gram row and column go. While the
         # history fills (slot = step count < m) only slots 0..slot are filled; after that, all m.
         self.Y_slot, self.G_slot = self.Y.unbind(1), self.G.unbind(1)
@@ -191,7 +193,7 @@ class _History:
         if pr is not self.G_slot[slot]:  # else the residual function wrote it there already
             self.G_slot[slot].copy_(pr)
         torch.sub(w, pr, alpha=damping, out=self.Y_slot[slot])
-        row = torch.bmm(self.G_row[slot], self.G_cols[slot if not full else self.m])
+        row = bmm(self.G_row[slot], self.G_cols[slot if not full else self.m])
         self.H_row[slot][full].copy_(row)
         self.H_col[slot][full].copy_(row)
         return self.H_diag[slot]

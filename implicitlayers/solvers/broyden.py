@@ -1,4 +1,4 @@
-"""Limited-memory ("good") Broyden with its low-rank factors in a circular buffer."""
+"""Limited-memory Broyden (type II, "bad" Broyden) in compact form, with a blow-up safeguard."""
 
 from __future__ import annotations
 
@@ -9,126 +9,184 @@ import torch
 
 from . import _workspace
 from ._base import IterativeSolver
+from ._config import check_int
+from ._precision import bmm, dot, work_dtype
 
 __all__ = ["Broyden"]
+
+# A step whose residual norm grows more than this factor (or turns non-finite) is rejected.
+_GROWTH = 10.0
+# Each rejection shrinks the sample's next step by this factor; below `_RESTART` its pairs are dropped.
+_SHRINK, _RESTART = 0.25, 1e-3
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Broyden(IterativeSolver):
-    """Broyden's good method on `R(w) = 0`, with an inverse-Jacobian estimate `H ≈ (∂R/∂w)⁻¹`.
+    """Broyden's second ("type II") method on `R(w) = 0`, with limited memory in compact form.
 
-    `H = diag(P) + U Vᵀ` starts at the preconditioner (so the first step is the damped fixed-point
-    step) and takes one rank-one update per step, `H ← H + (s − H y) sᵀH / (sᵀ H y)` with
-    `s = Δw`, `y = ΔR`. `U`, `V` are `(B, memory, D)` buffers (kept between solves of one shape, see
-    `implicitlayers.solvers.set_workspace_limit`); when full the oldest pair is overwritten, so memory
-    is `O(memory · B · D)` whatever `max_iter` is.
+    The inverse-Jacobian estimate `H ≈ (∂R/∂w)⁻¹` starts at `H₀ = diag(P)` (so the first step is the
+    damped fixed-point step) and takes the update `H ← H + (s − H y) yᵀ / (yᵀ y)` per step, with
+    `s = Δw`, `y = ΔR`. After the last `n ≤ memory` pairs it is, exactly,
 
-    A step reads the factors four times (two products for `H R(w_new)`, two for `Hᵀ s`): `H y` is
-    not computed but taken as `H R(w_new) − H R(w_old)`, and `H R(w_new)` after the update is
-    `H R(w_new) + u (vᵀ R(w_new))`, which is also the next step's direction. Without a line search
-    the step is `s = −H R(w_old)`, so `s − H y = −H R(w_new)`: then `u` is a multiple of `H R(w_new)`
-    and the update of `H R(w_new)` a rescaling.
+        H = H₀ + (S − H₀ Y) N⁻¹ Yᵀ,   N = the upper triangle (diagonal included) of Yᵀ Y,
+
+    in chronological order (the compact representation of Byrd, Nocedal and Schnabel, 1994). That form
+    is why the memory can be limited without harm: dropping the oldest pair gives exactly the method
+    restarted from `H₀` on the pairs kept, so every kept pair still satisfies its secant condition
+    `H yᵢ = sᵢ` for the pairs after it. (Overwriting the oldest rank-one term of the product form,
+    as the usual circular-buffer code does, leaves the later terms built on a matrix that is gone,
+    and the estimate degrades each time the memory wraps.)
+
+    Why type II rather than the "good" (type I) update: both cost one evaluation a step, but the type-I
+    update of `H` needs `Hᵀ s` (two more passes over the pairs) and its compact form a dense `n × n`
+    solve; type II needs one pass for `Yᵀ R` and one for the step, plus a triangular solve. On the DEQ
+    cells of `benchmarks/solvers.py` both take the same number of steps; on symmetric problems (the
+    gradient of a `Minimize`) type I stalls where type II converges (Fang and Saad, 2009, found type II
+    the better of the two more generally).
+
+    The safeguard: a step whose residual norm grows more than tenfold, or turns non-finite, is
+    rejected (the sample stays where it was, its pair is not kept) and the sample retries a quarter
+    of that step; after five rejections in a row its pairs are dropped (a restart from `H₀`). This
+    costs no evaluation beyond the retried step, and no host synchronisation.
+
+    Cost per step: one evaluation plus two passes over the `n` kept pairs (`Yᵀ R` and the step) and an
+    `n × n` triangular solve. The pairs live in `(B, memory, D)` buffers kept between solves of one
+    shape (see `implicitlayers.solvers.set_workspace_limit`): memory is `O(memory · B · D)` whatever
+    `max_iter` is.
 
     Args:
-        memory: number of rank-one pairs kept (≥ 1).
+        memory: number of secant pairs kept (≥ 1).
         line_search: backtrack (up to 3 halvings, one evaluation each) on samples whose residual
             norm grew. It tests on the host whether any sample needs it, one sync per step on CUDA.
     """
 
-    memory: int = 20
+    memory: int = 40
     line_search: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.memory, int) or self.memory < 1:
-            raise ValueError(f"Broyden: memory must be an integer >= 1, got {self.memory!r}.")
+        check_int(self, "memory", low=1)
         if not isinstance(self.line_search, bool):
             raise ValueError(f"Broyden: line_search must be a bool, got {self.line_search!r}.")
 
     def init(self, fn, w, r, precond):
         # Under autograd (Unroll) in-place buffer writes would break the graph, so keep lists then.
-        s = SimpleNamespace(w=w, r=r, precond=precond, count=0, grad=torch.is_grad_enabled())
-        s.Hr = r if precond is None else r * precond  # H R(w) with H = diag(P)
+        s = SimpleNamespace(w=w, r=r, precond=precond, count=0, n=0, grad=torch.is_grad_enabled())
+        s.r_norm = s.lowest = torch.linalg.vector_norm(r, dim=1)
+        s.Hr = self._h0(precond, r)
+        s.scale = None  # per-sample step factor after rejections; None while no sample was rejected
         if s.grad:
-            s.U, s.V = [], []
+            s.Z, s.Y = [], []
         else:
-            s.factors = _workspace.take(_Factors, w, self.memory)
+            s.pairs = _workspace.take(_Pairs, w, self.memory)
+            s.coeff = s.pairs.N.new_zeros(w.shape[0], 0)  # yᵢᵀ R(w) for the kept pairs, by slot
         return s
 
     def release(self, s) -> None:
         if not s.grad:
-            _workspace.give_back(s.factors)
-
-    def step(self, fn, s, frozen):
-        n = min(s.count, self.memory)
-        if n == 0:
-            U = V = None
-        elif s.grad:
-            U, V = torch.stack(s.U, 1), torch.stack(s.V, 1)
-        else:
-            U, V = s.factors.U_first[n], s.factors.V_first[n]
-        if frozen is None:
-            direction = -s.Hr
-        elif s.grad:
-            direction = torch.where(frozen[:, None], 0.0, -s.Hr)
-        else:  # scaling is far cheaper than a row-masked fill on the CPU; a failed (NaN) sample is frozen anyway
-            direction = s.Hr * (frozen.to(s.Hr.dtype) - 1)[:, None]
-        w = s.w + direction
-        r = fn(w)
-        if self.line_search:
-            w, r = self._backtrack(fn, s, direction, w, r)
-            ds = w - s.w
-        else:
-            ds = direction
-        dr = r - s.r
-        # H r and Hᵀ ds with the current factors; `coeff = Vᵀ r` is kept to drop the oldest pair below.
-        Hr, coeff = self._apply(s.precond, U, V, r)
-        v, _ = self._apply(s.precond, V, U, ds)
-        denom = (v * dr).sum(1, keepdim=True)
-        scale = torch.linalg.vector_norm(ds, dim=1, keepdim=True) * torch.linalg.vector_norm(dr, dim=1, keepdim=True)
-        # Skip the update (u = 0) where sᵀH y is negligible: a frozen sample, or a step that made no progress.
-        denom = torch.where(denom.abs() > torch.finfo(w.dtype).eps * scale, denom, torch.inf)
-        vr = (v * r).sum(1, keepdim=True)
-        if self.line_search:
-            u = (ds - (Hr - s.Hr)) / denom
-            Hr_next = torch.addcmul(Hr, u, vr)
-        else:
-            # The full step s = −H r_old makes s − H y = −H r_new, so u = −H r_new / (sᵀ H y), and the updated
-            # H r_new is H r_new (1 − vᵀr / sᵀ H y): two passes fewer. (A frozen sample has s = 0, v = 0,
-            # hence an infinite denominator and u = 0, as the general formula gives.)
-            u = None
-            Hr_next = Hr * (1 - vr / denom)
-        full = n == self.memory
-        if s.grad:
-            u = Hr / -denom if u is None else u
-            if full:
-                Hr_next = Hr_next - U[:, 0] * coeff[:, 0, :1]
-            s.U, s.V = (s.U + [u])[-self.memory :], (s.V + [v])[-self.memory :]
-        else:
-            slot = s.count % self.memory
-            if full:  # the pair in `slot` is about to be overwritten: take it out of H r too
-                Hr_next = Hr_next - s.factors.U_slot[slot] * coeff[:, 0, slot : slot + 1]
-            if u is None:
-                torch.div(Hr, denom.neg(), out=s.factors.U_slot[slot])
-            else:
-                s.factors.U_slot[slot].copy_(u)
-            s.factors.V_slot[slot].copy_(v)
-        s.count += 1
-        s.w, s.r, s.Hr = w, r, Hr_next
-        return s
+            _workspace.give_back(s.pairs)
 
     @staticmethod
-    def _apply(diag, A, B, x):
-        """`(diag ⊙ x + A (Bᵀ x), Bᵀ x)`: `H x` for `(A, B) = (U, V)`, `Hᵀ x` for `(V, U)`.
+    def _h0(precond: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        return x if precond is None else x * precond
 
-        The products are written as `(1, D) @ (D, n)` and `(1, n) @ (n, D)` per sample, the fast
-        layout for batched matrix products (an `einsum("bnd,bd->bn")` is several times slower on CPU).
+    def step(self, fn, s, frozen):
+        direction = -s.Hr if s.scale is None else s.Hr * -s.scale[:, None]
+        if frozen is not None:
+            if s.grad:
+                direction = torch.where(frozen[:, None], 0.0, direction)
+            else:  # scaling is far cheaper than a row-masked fill on the CPU
+                direction = direction * (~frozen).to(direction.dtype)[:, None]
+        trial = s.w + direction
+        r_trial = fn(trial)
+        if self.line_search:
+            trial, r_trial = self._backtrack(fn, s, direction, trial, r_trial)
+        step, y = trial - s.w, r_trial - s.r
+        yy = dot(y, y)
+        # A pair carries information unless the sample did not move (frozen) or its residual is not finite.
+        keep = torch.isfinite(yy) & (yy > 0)
+        r_norm = torch.linalg.vector_norm(r_trial, dim=1)
+        rejected = ~(r_norm <= _GROWTH * s.lowest)  # also NaN
+        # On the CPU the host test is free; elsewhere (and under autograd) the masks are always applied.
+        any_rejected = s.grad or not trial.is_cpu or bool(rejected.any())
+        if any_rejected:
+            # A rejected sample stays where it was but keeps the pair (when finite): its next step is the
+            # secant step from there, which knows how steeply R grew, shortened by `_SHRINK`.
+            w = torch.where(rejected[:, None], s.w, trial)
+            r = torch.where(rejected[:, None], s.r, r_trial)
+            r_norm = torch.where(rejected, s.r_norm, r_norm)
+            scale = torch.ones_like(r_norm) if s.scale is None else s.scale
+            s.scale = torch.where(rejected, _SHRINK * scale, 1.0)
+        else:
+            w, r, s.scale = trial, r_trial, None
+        # Restart once, as the step factor crosses `_RESTART`; then keep shortening the step from H₀.
+        restart = None if s.scale is None else (s.scale < _RESTART) & (s.scale >= _RESTART * _SHRINK)
+        if s.grad:
+            self._record_unrolled(s, step, y, r_trial, r, keep, restart)
+        else:
+            self._record(s, step, y, r_trial, r, keep, rejected if any_rejected else None, restart)
+        s.count += 1
+        s.w, s.r, s.r_norm = w, r, r_norm
+        s.lowest = torch.minimum(s.lowest, r_norm)
+        return s
+
+    def _record(self, s, step, y, r_trial, r, keep, rejected, restart) -> None:
+        """Keep the pair `(step, y)` in the buffers and compute the next `H r` (two passes over the pairs).
+
+        Slots are circular; `N` is kept in chronological order (oldest first), so when the memory is
+        full the slot coefficients are rolled by the oldest slot's index before the triangular solve.
+        `s.coeff` holds `yᵢᵀ R(w)` for the kept pairs at the current point, by slot.
         """
-        base = x if diag is None else x * diag
-        if A is None:
-            return base, None
-        coeff = torch.bmm(x[:, None], B.transpose(1, 2))
-        return torch.baddbmm(base[:, None], coeff, A)[:, 0], coeff
+        pairs, n, m = s.pairs, s.n, self.memory
+        wd = pairs.N.dtype
+        coeff = bmm(r_trial[:, None], pairs.Y_first[n].mT)[:, 0]  # yᵢᵀ R(trial), by slot
+        col = torch.where(keep[:, None], coeff - s.coeff, 0.0)  # yᵢᵀ y
+        if rejected is not None:  # a rejected sample's point, hence its coefficients, did not change
+            coeff = torch.where(rejected[:, None], s.coeff, coeff)
+        if n == m:  # the oldest pair leaves its slot to the new one: shift the chronological triangle up-left
+            slot = s.count % m
+            col = torch.roll(col, -slot, 1)[:, 1:]
+            pairs.N[:, :-1, :-1] = pairs.N[:, 1:, 1:].clone()
+            row = m - 1
+        else:
+            slot = row = n
+            coeff = torch.cat([coeff, coeff.new_zeros(coeff.shape[0], 1)], 1)
+        zero = y.new_zeros(())
+        y = torch.where(keep[:, None], y, zero, out=pairs.Y_slot[slot])
+        torch.where(keep[:, None], step - self._h0(s.precond, y), zero, out=pairs.Z_slot[slot])
+        pairs.N[:, :row, row] = col
+        pairs.N[:, row, :row] = 0
+        pairs.N[:, row, row] = torch.where(keep, dot(y, y), 1.0)  # a pair not kept: an identity row
+        coeff[:, slot] = dot(y, r)
+        n = row + 1
+        if restart is not None and (not y.is_cpu or bool(restart.any())):  # masks, not indexing: no sync
+            held = (~restart).to(y.dtype)[:, None, None]
+            pairs.Y.mul_(held)
+            pairs.Z.mul_(held)
+            pairs.N.copy_(torch.where(restart[:, None, None], torch.eye(m, dtype=wd, device=y.device), pairs.N))
+            coeff = torch.where(restart[:, None], 0.0, coeff)
+        s.coeff, s.n = coeff, n
+        oldest = (s.count + 1) % m if n == m else 0
+        c = torch.roll(coeff, -oldest, 1) if oldest else coeff
+        c = torch.linalg.solve_triangular(pairs.N[:, :n, :n], c[:, :, None], upper=True)[:, :, 0]
+        c = torch.roll(c, oldest, 1) if oldest else c
+        s.Hr = torch.baddbmm(self._h0(s.precond, r)[:, None], c.to(r.dtype)[:, None], pairs.Z_first[n])[:, 0]
+
+    def _record_unrolled(self, s, step, y, r_trial, r, keep, restart) -> None:
+        """The same update under autograd, from lists and without in-place writes (for `Unroll`)."""
+        y = torch.where(keep[:, None], y, 0.0)
+        s.Y = (s.Y + [y])[-self.memory :]
+        s.Z = (s.Z + [torch.where(keep[:, None], step - self._h0(s.precond, y), 0.0)])[-self.memory :]
+        if restart is not None:
+            s.Y = [torch.where(restart[:, None], 0.0, v) for v in s.Y]
+            s.Z = [torch.where(restart[:, None], 0.0, v) for v in s.Z]
+        Y, Z = torch.stack(s.Y, 1), torch.stack(s.Z, 1)
+        N = torch.triu(bmm(Y, Y.mT))
+        unused = torch.diagonal(N, dim1=1, dim2=2) == 0  # a pair not kept: make it an identity row
+        N = N + torch.diag_embed(unused.to(N.dtype))
+        c = torch.linalg.solve_triangular(N, bmm(Y, r[:, :, None]), upper=True).to(r.dtype)
+        s.n = len(s.Y)
+        s.Hr = self._h0(s.precond, r) + torch.bmm(c.mT, Z)[:, 0]
 
     def _backtrack(self, fn, s, direction, w, r):
         old = torch.linalg.vector_norm(s.r, dim=1)
@@ -145,18 +203,21 @@ class Broyden(IterativeSolver):
         return w, r
 
 
-class _Factors:
-    """Broyden's `(B, memory, D)` factors `U`, `V` by circular slot, with the views a step uses made once.
+class _Pairs:
+    """Broyden's `(B, memory, D)` pairs by circular slot (`Z = S − H₀ Y` and `Y`), the chronological
+    `(B, memory, memory)` triangle `N`, and the views a step uses, made once.
 
     Slots beyond the filled ones are never read, so nothing needs zeroing, and the object can serve
-    one solve after another (`_workspace`).
+    one solve after another (`_workspace`). `N` is kept in at least float32.
     """
 
     def __init__(self, like: torch.Tensor, memory: int) -> None:
         batch, dim = like.shape
-        self.U = like.new_empty(batch, memory, dim)
-        self.V = like.new_empty(batch, memory, dim)
-        self.nbytes = self.U.nbytes + self.V.nbytes
-        self.U_first = [self.U[:, :n] for n in range(memory + 1)]
-        self.V_first = [self.V[:, :n] for n in range(memory + 1)]
-        self.U_slot, self.V_slot = self.U.unbind(1), self.V.unbind(1)
+        wd = work_dtype(like.dtype)
+        self.Z = like.new_empty(batch, memory, dim)
+        self.Y = like.new_empty(batch, memory, dim)
+        self.N = torch.zeros(batch, memory, memory, dtype=wd, device=like.device)
+        self.nbytes = self.Z.nbytes + self.Y.nbytes + self.N.nbytes
+        self.Z_first = [self.Z[:, :n] for n in range(memory + 1)]
+        self.Y_first = [self.Y[:, :n] for n in range(memory + 1)]
+        self.Z_slot, self.Y_slot = self.Z.unbind(1), self.Y.unbind(1)

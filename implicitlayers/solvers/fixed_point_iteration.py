@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import torch
 
 from ._base import IterativeSolver
+from ._config import check_real
 
 __all__ = ["FixedPointIteration"]
 
@@ -26,8 +27,7 @@ class FixedPointIteration(IterativeSolver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.damping, (int, float)) or not 0 < self.damping <= 1:
-            raise ValueError(f"FixedPointIteration: damping must lie in (0, 1], got {self.damping!r}.")
+        check_real(self, "damping", "a number in (0, 1]", lambda v: 0 < v <= 1)
 
     def init(self, fn, w, r, precond):
         return SimpleNamespace(w=w, r=r, precond=precond)

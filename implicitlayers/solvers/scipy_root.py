@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -29,9 +30,15 @@ class ScipyRoot(SolverConfig):
     method: str = "hybr"
 
     def solve(
-        self, residual_fn: ResidualFn, w0: torch.Tensor, *, precond: torch.Tensor | None = None, name: str = "solve"
+        self,
+        residual_fn: ResidualFn,
+        w0: torch.Tensor,
+        *,
+        precond: torch.Tensor | None = None,
+        name: str = "solve",
+        hints: Mapping[str, str] | None = None,
     ) -> tuple[torch.Tensor, SolveInfo]:
-        """Solve `R(w) = 0` for flat `(B, D)` unknowns, one sample at a time."""
+        """Solve `R(w) = 0` for flat `(B, D)` unknowns, one sample at a time (`hints`: see `apply_failure_policy`)."""
         import scipy.optimize  # imported here: it is slow to import and only this reference solver needs it
 
         nfe = 0
@@ -58,7 +65,7 @@ class ScipyRoot(SolverConfig):
         res = stopping_measure(r, out, self.stop)
         info = SolveInfo(nstep=nstep, residual=res, converged=res <= self.tol, nfe=nfe)
         apply_failure_policy(info, name=name, tol=self.tol, max_iter=self.max_iter, on_failure=self.on_failure,
-                             hint="try another scipy method, e.g. 'lm' or 'krylov'")
+                             hint="try another scipy method, e.g. 'lm' or 'krylov'", hints=hints)
         return out, info
 
     def _options(self) -> dict:
