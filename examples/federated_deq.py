@@ -69,7 +69,7 @@ def one_run(kind: str, fusion: str, alpha: float | None, seed: int, args: argpar
     start = time.perf_counter()
     result = run_federated(
         strategy, client_app, model_fn, num_clients=args.clients, num_rounds=args.rounds,
-        evaluate_fn=centralised_evaluator(model_fn),
+        evaluate_fn=centralised_evaluator(model_fn), round_timeout=args.round_timeout,
     )
     rounds = sorted(result.train_metrics_clientapp)
     accuracy = [float(result.evaluate_metrics_serverapp[r]["test-accuracy"]) for r in [0, *rounds]]
@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--depth", type=int, default=10, help="layers of the explicit untied network")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--target", type=float, default=0.9, help="test accuracy for 'rounds to target'")
+    parser.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for one round's replies")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("outputs"))
     parser.add_argument("--fast", action="store_true", help="3 clients, 2 rounds, 2 runs (for the test suite)")
     args = parser.parse_args(argv)

@@ -12,15 +12,18 @@ process, not just the test, when its simulation starts without Ray).
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import urllib.request
 
@@ -295,15 +298,28 @@ def test_run_federated_without_ray_raises_instead_of_ending_the_process(monkeypa
         run_federated(FedAvg(), make_deq_client_app(_deq_model, DigitsPartitions()), _deq_model, num_clients=2, num_rounds=1)
 
 
+@pytest.fixture
+def short_tmp():
+    """A short temporary folder: Ray's socket paths under it must stay within 107 bytes (AF_UNIX)."""
+    path = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# Ray drops the Popen objects and /dev/null handles of processes it has already stopped; Python
+# reports them when they are garbage collected (the test then checks that no process is left).
+@pytest.mark.filterwarnings(r"ignore:Exception ignored in. <_io.FileIO name='/dev/null':pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings(r"ignore:Exception ignored in. <function Popen.__del__:pytest.PytestUnraisableExceptionWarning")
 @needs_ray
-def test_example_fast_mode_is_a_real_simulation(tmp_path, monkeypatch) -> None:
+def test_example_fast_mode_is_a_real_simulation(tmp_path, short_tmp, monkeypatch) -> None:
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
-    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.setenv("RAY_TMPDIR", short_tmp)
     spec = importlib.util.spec_from_file_location("federated_deq", ROOT / "examples" / "federated_deq.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    out = module.main(["--fast", "--out", str(tmp_path)])
+    # A short round timeout bounds the wait of Flower's server thread should Ray fail to start.
+    out = module.main(["--fast", "--out", str(tmp_path), "--round-timeout", "120"])
     deq, untied = out["runs"]
     assert (deq["model"], deq["fusion"], untied["model"], untied["fusion"]) == ("deq", "quality", "untied", "fedavg")
     for run in (deq, untied):
@@ -317,6 +333,11 @@ def test_example_fast_mode_is_a_real_simulation(tmp_path, monkeypatch) -> None:
     assert untied["num_parameters"] > deq["num_parameters"]
     assert untied["upload_bytes_per_round"] > deq["upload_bytes_per_round"]
     assert out["accuracy"].exists() and out["weights"].exists()
+    gc.collect()  # Ray's leftovers are reported here, under this test's filters
+    deadline = time.monotonic() + 10
+    while _processes_with(f"RAY_TMPDIR={short_tmp}") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_with(f"RAY_TMPDIR={short_tmp}") == [], "a Ray process outlived the simulation"
 
 
 def _free_port() -> int:
@@ -374,6 +395,9 @@ def _stop(processes: list[subprocess.Popen], marker: str) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + 5  # SIGKILL is delivered asynchronously
+    while _processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the process sweep reads /proc")
@@ -388,7 +412,7 @@ def test_deployment_engine_runs_the_app_on_localhost_processes(tmp_path) -> None
     env.update(
         FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
-        UV_CACHE_DIR=str(tmp_path / "uv"), RAY_TMPDIR=str(tmp_path), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+        UV_CACHE_DIR=str(tmp_path / "uv"), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
     )
     link_port = _free_port()
     (home / "config.toml").write_text(

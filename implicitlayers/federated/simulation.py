@@ -26,6 +26,7 @@ def run_federated(
     num_rounds: int,
     evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     num_actors: int = 1,
+    round_timeout: float = 600.0,
     backend_config: dict[str, Any] | None = None,
     verbose: bool = False,
 ) -> Result:
@@ -46,6 +47,9 @@ def run_federated(
         num_actors: Ray workers running ClientApps in parallel (one CPU each). The default 1 runs the
             nodes one after another, which is fastest for small models (Ray's start-up dominates)
             and makes the order of replies, hence the float rounding of the average, reproducible.
+        round_timeout: seconds the server waits for one round's replies. If Ray fails to start,
+            `run_federated` raises, but Flower's ServerApp thread keeps waiting this long per
+            remaining round before the process can exit; lower it for tests.
         backend_config: Flower's backend config; replaces the one built from `num_actors`.
         verbose: Flower's DEBUG logging.
 
@@ -87,7 +91,7 @@ def run_federated(
         results.append(result)
 
     server_app = make_server_app(
-        strategy, model_fn, num_rounds=num_rounds, evaluate_fn=evaluate_fn, on_result=keep
+        strategy, model_fn, num_rounds=num_rounds, evaluate_fn=evaluate_fn, round_timeout=round_timeout, on_result=keep
     )
     run_simulation(
         server_app=server_app,
