@@ -1,7 +1,16 @@
 """How a block's solution is differentiated: exact implicit differentiation, phantom gradients, unrolling.
 
-Each mode turns the forward solution `w*` of a block into a differentiable tensor whose value is
-(approximately) `w*` and whose gradient is the mode's.
+Each backward mode is an object that owns its differentiation. The layer hands a mode a
+[`BlockSolve`][implicitlayers.backward.BlockSolve] — one compiled block, the tensors it reads, its start
+and the forward solver — and the mode returns the block's solution as a tensor whose value is
+(approximately) `w*` and whose gradient is the mode's:
+
+- `IFT` solves without a graph, then attaches the implicit-function-theorem gradient;
+- `Phantom` solves without a graph, then unrolls `k` damped steps from the solution;
+- `Unroll` solves *with* the graph (backpropagation through the iterations).
+
+A mode attaches a gradient only when something the block reads requires one: a block whose inputs
+and parameters are all constants returns a plain tensor (no graph kept, no adjoint solve).
 
 **IFT.** With `R(w*, θ) = 0`, the implicit function theorem gives `dw*/dθ = −A⁻¹ ∂R/∂θ` with
 `A = ∂R/∂w`. We build it from one differentiable evaluation `y = R(w*, θ)` (its graph reaches every
@@ -12,23 +21,149 @@ autograd function whose value is 0 and whose vector–Jacobian product is `g ↦
 
 so the upstream gradient `g` costs one matrix-free solve `Aᵀ λ = g` (matvecs are VJPs of `R` in `w`)
 and one VJP of `R` in `θ`. Memory does not depend on the forward iterations.
+
+**A failed backward solve.** The adjoint solve has its own failure policy, `IFT(on_failure=...)`
+(default `"warn"`, whatever the forward's is). A sample whose adjoint solve did not converge gets a
+**zero** gradient from this block (its wrong `λ` is dropped), so one failed sample cannot push garbage
+into the parameters; the policy reports it.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
-from .solvers import Anderson, SolverConfig
+from .solvers import Anderson, SolveInfo, SolverConfig, apply_failure_policy
 from .solvers._base import IterativeSolver
+from .solvers._info import Status
 
-__all__ = ["IFT", "Phantom", "Unroll", "BackwardMode"]
+if TYPE_CHECKING:
+    from .system import BlockSystem
+
+__all__ = ["IFT", "Phantom", "Unroll", "BackwardMode", "BlockSolve"]
+
+_POLICIES = ("warn", "raise", "ignore")
+
+
+@dataclasses.dataclass
+class BlockSolve:
+    """One block handed to a backward mode: what to solve, from where, and with what.
+
+    Attributes:
+        system: the compiled block (`R(w)`, packing, projections).
+        outer: the tensors the block reads from outside (inputs, earlier blocks), with their graphs.
+        w0: the packed start `(B, D)`.
+        solver: the forward solver.
+        precond: the block's diagonal preconditioner `(D,)`, or `None`.
+        report_backward: called with the `SolveInfo` of each backward (adjoint) solve of the block.
+    """
+
+    system: "BlockSystem"
+    outer: Mapping[str, torch.Tensor]
+    w0: torch.Tensor
+    solver: Any
+    precond: torch.Tensor | None
+    report_backward: Callable[[SolveInfo], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.detached = {n: t.detach() for n, t in self.outer.items()}
+
+    @property
+    def name(self) -> str:
+        return self.system.name
+
+    def residual(self, w: torch.Tensor, *, graph: bool = True, theta: bool = True, equations_only: bool = False) -> torch.Tensor:
+        """`R(w)`; `graph` keeps the autograd graph; `theta` reads the outer tensors with their graphs
+        (else detached, so that only `w` is differentiated)."""
+        env = self.outer if theta else self.detached
+        return self.system.residual(w, env, create_graph=graph, equations_only=equations_only)
+
+    def forward_solve(self) -> tuple[torch.Tensor, SolveInfo]:
+        """Solve the block without recording a graph; the constrained variables are projected onto their sets."""
+        with torch.no_grad():
+            w_star, info = self.solver.solve(
+                lambda w: self.system.residual(w, self.detached), self.w0.detach(), precond=self.precond, name=self.name
+            )
+            w_star = self.system.project_constrained(w_star)
+            if self.system.objectives:
+                info = self._flag_rounding_stalls(w_star, info)
+            return w_star, info
+
+    def _flag_rounding_stalls(self, w: torch.Tensor, info: SolveInfo) -> SolveInfo:
+        """Samples reported converged whose map cannot move although a residual entry exceeds `tol`.
+
+        Far out along an unbounded direction (`|v| ≫ |α∇| / eps`) an objective's step `α∇` is below the
+        floating-point resolution of `v`: `v − α∇` rounds to `v`, so the map is stuck, while the
+        relative residual `‖R‖ / ‖w‖` is tiny and passes a `"rel"` test. Such a point is no solution.
+        Costs one residual evaluation per solve of a block with objectives.
+        """
+        tol = getattr(self.solver, "tol", None)
+        if tol is None or not bool(info.converged.any()):
+            return info
+        r = self.system.residual(w, self.detached)
+        step = r if self.precond is None else r * self.precond
+        stuck = ((w - step) == w) & (r.abs() > tol)
+        stalled = stuck.any(1) & info.converged
+        if not bool(stalled.any()):
+            return info
+        status = info.status.clone() if getattr(info, "status", None) is not None else None
+        fields = {"converged": info.converged & ~stalled}
+        if status is not None:
+            fields["status"] = torch.where(stalled, int(Status.STALLED), status)
+        flagged = dataclasses.replace(info, **fields)
+        only_new = dataclasses.replace(flagged, converged=~stalled, **({"status": fields["status"]} if status is not None else {}))
+        apply_failure_policy(
+            only_new, name=self.name, tol=tol, max_iter=getattr(self.solver, "max_iter", 0),
+            on_failure=getattr(self.solver, "on_failure", "warn"),
+            hint=(
+                "the update of a variable is below the floating-point resolution of its value (it is huge: "
+                f"max |w| = {float(w.abs().max()):.3g}), so the iteration cannot move although the residual is not "
+                "zero; start closer to the solution and check that the problem is bounded"
+            ),
+        )
+        return flagged
+
+    def reads_grad(self, w_star: torch.Tensor) -> bool | None:
+        """Whether the block's solution depends on anything that requires a gradient.
+
+        `True` when an outer tensor requires grad. Otherwise only the user's functions can tell (they
+        may capture parameters): a block with objectives evaluates them once at `w*` (its residual
+        always carries a graph through the objective's internal VJP, so it cannot tell); for a block of
+        equations only, `None` means "look at whether `R(w*)` requires grad", which costs nothing extra.
+        """
+        if not torch.is_grad_enabled():
+            return False
+        if any(t.requires_grad for t in self.outer.values()):
+            return True
+        if not self.system.objectives:
+            return None
+        return self.system.reads_grad(w_star, self.outer)
+
+
+class BackwardMode(abc.ABC):
+    """What every backward mode does: solve a block and return its differentiable solution.
+
+    Subclasses implement `attach(block, w_star) -> Tensor` (the value of `w_star`, the mode's gradient);
+    a mode that must see the solver's iterations overrides `solve` instead.
+    """
+
+    def solve(self, block: BlockSolve) -> tuple[torch.Tensor, SolveInfo]:
+        """Solve `block` and return its packed solution (differentiable when something requires grad) and `SolveInfo`."""
+        w_star, info = block.forward_solve()
+        if block.reads_grad(w_star) is False:
+            return w_star, info
+        return self.attach(block, w_star), info
+
+    @abc.abstractmethod
+    def attach(self, block: BlockSolve, w_star: torch.Tensor) -> torch.Tensor:
+        """The differentiable solution: the value of `w_star` with this mode's gradient."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class IFT:
+class IFT(BackwardMode):
     """Exact implicit differentiation of the whole block.
 
     Args:
@@ -40,21 +175,69 @@ class IFT:
         second_order: prepare exact double backward (`create_graph=True`, e.g. gradient penalties);
             costs two more residual evaluations and one JVP per forward. Without it, double
             backward through the IFT raises `NotImplementedError` rather than returning a wrong value.
+        on_failure: what a backward solve that did not converge does: `"warn"` (`il.ConvergenceWarning`),
+            `"raise"` (`il.ConvergenceError`) or `"ignore"`. `None` (default) takes the policy of the
+            `solver` you passed here, else `"warn"`: never the forward solver's, so a forward run with
+            `on_failure="ignore"` still reports failed backward solves. Whatever the policy, a failed
+            sample's gradient from this block is zero.
     """
 
     solver: Any = None
     first_order: bool = False
     second_order: bool = False
+    on_failure: str | None = None
 
     def __post_init__(self) -> None:
         if self.solver is not None and not hasattr(self.solver, "solve_linear"):
             raise TypeError(
                 f"IFT: solver must be an il.linear solver or a fixed-point solver (il.Anderson, il.Broyden, ...), got {self.solver!r}."
             )
+        for flag in ("first_order", "second_order"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"IFT: {flag} must be True or False, got {getattr(self, flag)!r}.")
+        if self.on_failure is not None and self.on_failure not in _POLICIES:
+            raise ValueError(f"IFT: on_failure must be None or one of {_POLICIES}, got {self.on_failure!r}.")
+
+    @property
+    def failure_policy(self) -> str:
+        """The backward's effective failure policy (see `on_failure`)."""
+        if self.on_failure is not None:
+            return self.on_failure
+        return getattr(self.solver, "on_failure", "warn") if self.solver is not None else "warn"
+
+    def attach(self, block: BlockSolve, w_star: torch.Tensor) -> torch.Tensor:
+        system = block.system
+        solver = adjoint_solver(self, block.solver)
+        if self.first_order and system.objectives:
+            if not system.equations:
+                return w_star  # optimised variables only: constants by definition of first_order
+            idx = system.equation_indices(w_star.device)
+
+            def embed(w_eq: torch.Tensor) -> torch.Tensor:
+                return w_star.detach().index_copy(1, idx, w_eq)
+
+            adjoint = AdjointProblem(
+                residual=lambda w_eq: block.residual(embed(w_eq), theta=False, equations_only=True),
+                w_star=w_star[:, idx], solver=solver, precond=None if block.precond is None else block.precond[idx],
+                name=block.name, warm_start=system.dual_warm_start(w_star, idx), second_order=self.second_order,
+                on_failure=self.failure_policy, report=block.report_backward,
+            )
+            out_eq = attach_ift(lambda w_eq: block.residual(embed(w_eq), equations_only=True), w_star[:, idx], adjoint)
+            if out_eq is None:
+                return w_star
+            return w_star.detach().index_copy(1, idx, out_eq)
+        warm = system.dual_warm_start(w_star, system.equation_indices(w_star.device)) if system.equations else None
+        adjoint = AdjointProblem(
+            residual=lambda w: block.residual(w, theta=False), w_star=w_star, solver=solver, precond=block.precond,
+            name=block.name, second_order=self.second_order, warm_start=warm, on_failure=self.failure_policy,
+            report=block.report_backward,
+        )
+        out = attach_ift(lambda w: block.residual(w), w_star, adjoint)
+        return w_star if out is None else out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Phantom:
+class Phantom(BackwardMode):
     """Phantom gradient: unroll `k` damped steps of the map `F` from the detached solution.
 
     `k=1` is Jacobian-free backpropagation. Cheap and approximate; approaches the IFT as `k` grows
@@ -65,19 +248,47 @@ class Phantom:
     damping: float = 0.5
 
     def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or self.k < 1:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"Phantom: k must be an integer >= 1, got {self.k!r}.")
-        if not isinstance(self.damping, (int, float)) or not 0 < self.damping <= 1:
+        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not 0 < self.damping <= 1:
             raise ValueError(f"Phantom: damping must lie in (0, 1], got {self.damping!r}.")
+
+    def attach(self, block: BlockSolve, w_star: torch.Tensor) -> torch.Tensor:
+        w = w_star
+        for _ in range(self.k):
+            r = block.residual(w)
+            if not r.requires_grad:  # nothing upstream requires grad (known only now for equation blocks)
+                return w_star
+            w = w - self.damping * (r if block.precond is None else r * block.precond)
+        return w
 
 
 @dataclasses.dataclass(frozen=True)
-class Unroll:
+class Unroll(BackwardMode):
     """Backpropagate through every solver iteration (memory grows with the iterations; for testing and
-    weight-tied networks)."""
+    weight-tied networks).
 
+    A sample that already meets the tolerance at its start runs no iteration; it is still
+    differentiated through one step of the block's map `F(w) = w − P ⊙ R(w)` from its start, so its
+    gradient is the one-step unrolled gradient, never a silent zero.
+    """
 
-BackwardMode = IFT | Phantom | Unroll
+    def solve(self, block: BlockSolve) -> tuple[torch.Tensor, SolveInfo]:
+        if not torch.is_grad_enabled() or block.reads_grad(block.w0) is False:
+            return block.forward_solve()
+        w_out, info = block.solver.solve(lambda w: block.residual(w), block.w0, precond=block.precond, name=block.name)
+        w_out = block.system.project_constrained(w_out)
+        idle = info.nstep == 0
+        if bool(idle.any()):
+            # w_out is the (constant) start for these samples: take one differentiable step from it.
+            r = block.residual(w_out)
+            stepped = w_out - (r if block.precond is None else r * block.precond)
+            stepped = block.system.project_constrained(stepped)
+            w_out = torch.where(idle[:, None], stepped, w_out)
+        return w_out, info
+
+    def attach(self, block: BlockSolve, w_star: torch.Tensor) -> torch.Tensor:  # pragma: no cover - solve overrides
+        raise NotImplementedError("Unroll differentiates the solver's iterations; see Unroll.solve.")
 
 
 def adjoint_solver(mode: IFT, forward_solver: Any) -> Any:
@@ -146,12 +357,14 @@ class AdjointProblem:
 
     Args:
         residual: `w ↦ R(w)` with the block's outer tensors detached, differentiable in `w`.
-        second_order: whether double backward is prepared (`IFT(second_order=True)`).
         w_star: the detached solution.
         solver: linear or fixed-point solver.
         precond: the block's diagonal preconditioner (keeps the adjoint map as contractive as the forward one).
         name: for convergence messages.
         warm_start: optional `g ↦ λ₀`.
+        second_order: whether double backward is prepared (`IFT(second_order=True)`).
+        on_failure: the backward's failure policy (`IFT(on_failure=...)`).
+        report: called with each solve's `SolveInfo` (the layer keeps the latest as `backward_info`).
     """
 
     residual: Callable[[torch.Tensor], torch.Tensor]
@@ -161,7 +374,8 @@ class AdjointProblem:
     name: str
     warm_start: Callable[[torch.Tensor], torch.Tensor] | None = None
     second_order: bool = False
-    info: Any = None
+    on_failure: str = "warn"
+    report: Callable[[SolveInfo], None] | None = None
 
     def linearized(self, v: torch.Tensor) -> torch.Tensor:
         """`A v` with `A = ∂R/∂w` held constant (no derivative through `A`, even of captured parameters)."""
@@ -192,12 +406,28 @@ class AdjointProblem:
         return jvp
 
     def solve(self, rhs: torch.Tensor, transpose: bool = True) -> torch.Tensor:
-        """`A⁻ᵀ rhs` (default) or `A⁻¹ rhs`, matrix-free, with the failure policy of the solver."""
+        """`A⁻ᵀ rhs` (default) or `A⁻¹ rhs`, matrix-free; failed samples are zeroed and reported."""
         matvec = self._operator(transpose)
+        kind = "IFT backward" if transpose else "IFT double backward"
+        name = f"{kind} of {self.name}"
+        # The mode's policy applies, not the solver's: report once, below, after zeroing failed samples.
+        solver = self.solver.replace(on_failure="ignore") if isinstance(self.solver, SolverConfig) else self.solver
         with torch.no_grad():
             x0 = self.warm_start(rhs) if (self.warm_start is not None and transpose) else None
-            kind = "IFT backward" if transpose else "IFT double backward"
-            x, self.info = self.solver.solve_linear(matvec, rhs.detach(), x0, precond=self.precond, name=f"{kind} of {self.name}")
+            x, info = solver.solve_linear(matvec, rhs.detach(), x0, precond=self.precond, name=name)
+        failed = ~info.converged
+        if bool(failed.any()):
+            x = torch.where(failed[:, None], torch.zeros_like(x), x)
+        if self.report is not None:
+            self.report(info)
+        apply_failure_policy(
+            info, name=name, tol=getattr(self.solver, "tol", float("nan")), max_iter=getattr(self.solver, "max_iter", 0),
+            on_failure=self.on_failure,
+            hint=(
+                "pass il.IFT(solver=...) a stronger linear solver (il.linear.GMRES, more max_iter) or make the map more "
+                "contractive; the failed samples' gradients from this block were set to zero"
+            ),
+        )
         return x
 
 
@@ -219,8 +449,9 @@ class _ConstantProduct(torch.autograd.Function):
 
 def attach_ift(
     residual_theta: Callable[[torch.Tensor], torch.Tensor], w_star: torch.Tensor, adjoint: AdjointProblem
-) -> torch.Tensor:
-    """`w* + correction(y)`: the value of `w*`, the gradient of the IFT (see the module docstring).
+) -> torch.Tensor | None:
+    """`w* + correction(y)`: the value of `w*`, the gradient of the IFT (see the module docstring), or
+    `None` when `y = R(w*, θ)` requires no gradient (nothing to differentiate).
 
     `residual_theta` is `w ↦ R(w, θ)` with graph to every input and parameter.
     With `adjoint.second_order`, `y` gains the zero-valued term
@@ -230,6 +461,8 @@ def attach_ift(
     """
     w_star = w_star.detach()
     y = residual_theta(w_star)
+    if not y.requires_grad:  # nothing the block reads requires grad: no gradient to attach
+        return None
     if adjoint.second_order:
         shift = _ImplicitCorrection.apply(y, adjoint)
         y = y + (residual_theta(w_star + shift) - y - adjoint.linearized(shift))

@@ -1,20 +1,33 @@
-"""`ImplicitLayer`: a `Problem` wrapped as an `nn.Module` (inputs in, solved variables out)."""
+"""`ImplicitLayer`: a `Problem` wrapped as an `nn.Module` (inputs in, solved variables out).
+
+The layer orchestrates; it does not differentiate. It validates the call, builds each block's start,
+hands every block (in topological order) to the backward mode, which solves it and returns its
+differentiable solution (see `implicitlayers.backward`), and collects the results.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from collections import OrderedDict
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from .backward import IFT, BackwardMode, BlockSolve
 from .nn._cache import cached_weights
-from .backward import IFT, AdjointProblem, Phantom, Unroll, adjoint_solver, attach_ift
 from .problem import Input, Problem, Variable
 from .solvers import Anderson, SolveInfo
 from .system import BlockSystem
 
-__all__ = ["ImplicitLayer", "Solution"]
+__all__ = ["ImplicitLayer", "Solution", "intercept_solves"]
+
+# Compiled blocks kept per layer (one per block and per set of sample shapes; the oldest are dropped).
+_MAX_COMPILED_BLOCKS = 32
+
+InitSpec = torch.Tensor | Callable[..., torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,38 +48,94 @@ class Solution:
         return self.values[name]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Interceptor:
+    solver: Callable[[Any], Any] | None
+    backward: BackwardMode | None
+    record: Callable[["ImplicitLayer", tuple[torch.Tensor, ...], Solution, BackwardMode], None] | None
+
+
+_interceptors: contextvars.ContextVar[tuple[_Interceptor, ...]] = contextvars.ContextVar("implicitlayers_interceptors", default=())
+
+
+@contextlib.contextmanager
+def intercept_solves(
+    *,
+    solver: Callable[[Any], Any] | None = None,
+    backward: BackwardMode | None = None,
+    record: Callable[["ImplicitLayer", tuple[torch.Tensor, ...], Solution, BackwardMode], None] | None = None,
+) -> Iterator[None]:
+    """Inside the block, every `ImplicitLayer` solve (in this thread or task) is seen and may be altered.
+
+    This is the hook that checking tools use (`implicitlayers.testing`): it reaches layers that a model
+    builds lazily or keeps outside its registered submodules, without touching any layer's settings.
+
+    Args:
+        solver: maps each layer's forward solver to the one to use for this solve (e.g. a tightened copy).
+        backward: a backward mode to use instead of each layer's own.
+        record: called after each solve with `(layer, input tensors, solution, the layer's own backward mode)`.
+
+    Blocks nest; the innermost override is applied last.
+    """
+    if backward is not None and not isinstance(backward, BackwardMode):
+        raise TypeError(f"intercept_solves: backward must be a backward mode (il.IFT(), ...), got {backward!r}.")
+    token = _interceptors.set(_interceptors.get() + (_Interceptor(solver, backward, record),))
+    try:
+        yield
+    finally:
+        _interceptors.reset(token)
+
+
+def _as_list(value: Any, what: str, kind: type) -> tuple[list, bool]:
+    """`(list of nodes, was it given as a single node)`."""
+    if isinstance(value, kind):
+        return [value], True
+    try:
+        return list(value), False
+    except TypeError:
+        raise TypeError(f"ImplicitLayer: {what}= must be an il.{kind.__name__} or a list of them, got {value!r}.") from None
+
+
 class ImplicitLayer(nn.Module):
     """A differentiable layer whose outputs are the solutions of an implicit problem.
 
     Args:
         problem: the `il.Problem`.
-        inputs: the `il.Input` nodes, in the order the layer is called with.
-        outputs: the `il.Variable` nodes returned, in order.
+        inputs: the `il.Input` nodes, in the order the layer is called with (one node or a list).
+        outputs: the `il.Variable` nodes returned, in order. A list gives a tuple; a single node gives
+            its tensor alone.
         solver: forward solver for every block (default `il.Anderson()`).
-        backward: `il.IFT()` (default), `il.Phantom(...)` or `il.Unroll()`.
+        backward: `il.IFT()` (default), `il.Phantom(...)` or `il.Unroll()`, or any `il.backward.BackwardMode`.
         init: start of each variable, by name: a callable receiving the layer's input tensors (in the
-            order of `inputs`) and returning the `(B, ...)` start, or a tensor, batched or one sample's
-            shape (broadcast over the batch). Every variable needs one.
+            order of `inputs`) and returning the batched `(B, ...)` start, or a tensor, batched or one
+            sample's shape (broadcast over the batch). Every variable needs one.
+        register_modules: register the `nn.Module`s used as condition functions as submodules (so
+            their parameters appear in `layer.parameters()`). Pass `False` when the module that owns the
+            layer registers them itself, so each parameter has one name in `state_dict` (this is what
+            `il.DEQ` does).
 
-    Functions (or `nn.Module`s) used in the conditions that are modules are registered as
-    submodules, so their parameters appear in `layer.parameters()`. Parameters captured in closures
-    receive gradients too (the IFT differentiates the residual with autograd).
+    Parameters captured in closures receive gradients too (the backward differentiates the residual
+    with autograd). A closure over tensors or modules is copied along with the layer by
+    `copy.deepcopy`, but `.to()`/`.double()` cannot reach tensors that are not registered: prefer
+    `nn.Module`s (or modules' methods) as condition functions.
     """
 
     def __init__(
         self,
         problem: Problem,
-        inputs: Sequence[Input],
-        outputs: Sequence[Variable],
+        inputs: Input | Sequence[Input],
+        outputs: Variable | Sequence[Variable],
         *,
         solver: Any = None,
-        backward: IFT | Phantom | Unroll | None = None,
-        init: Mapping[str, torch.Tensor | Callable[..., torch.Tensor]] | None = None,
+        backward: BackwardMode | None = None,
+        init: Mapping[str, InitSpec] | None = None,
+        register_modules: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(problem, Problem):
             raise TypeError(f"ImplicitLayer: problem must be an il.Problem, got {type(problem).__name__}.")
-        inputs, outputs = list(inputs), list(outputs)
+        inputs, _ = _as_list(inputs, "inputs", Input)
+        outputs, single = _as_list(outputs, "outputs", Variable)
         for node in inputs:
             if not isinstance(node, Input):
                 raise TypeError(f"ImplicitLayer: inputs must be il.Input nodes, got {node!r}.")
@@ -91,163 +160,120 @@ class ImplicitLayer(nn.Module):
             raise ValueError(
                 f"ImplicitLayer: no init for variable(s) {absent}; pass init={{name: tensor or callable of the inputs}}."
             )
-        extra = sorted(set(init) - set(problem.variables))
-        if extra:
-            raise ValueError(f"ImplicitLayer: init names unknown variable(s) {extra}; variables are {sorted(problem.variables)}.")
-        if backward is not None and not isinstance(backward, (IFT, Phantom, Unroll)):
+        _check_init(init, problem)
+        if backward is not None and not isinstance(backward, BackwardMode):
             raise TypeError(f"ImplicitLayer: backward must be il.IFT(), il.Phantom() or il.Unroll(), got {backward!r}.")
         if solver is not None and not hasattr(solver, "solve"):
             raise TypeError(f"ImplicitLayer: solver must be an implicitlayers solver (e.g. il.Anderson()), got {solver!r}.")
         self.problem = problem
         self.input_names = [i.name for i in inputs]
         self.output_names = [o.name for o in outputs]
+        self._single_output = single
         self.solver = solver if solver is not None else Anderson()
-        self.backward_mode = backward if backward is not None else IFT()
+        self.backward_mode: BackwardMode = backward if backward is not None else IFT()
         self.init = init
-        self.functions = nn.ModuleList(
-            dict.fromkeys(c.fn for c in problem.conditions.values() if isinstance(c.fn, nn.Module))
-        )
-        self._systems: dict[tuple, BlockSystem] = {}
+        if register_modules:
+            self.functions = nn.ModuleList(
+                dict.fromkeys(c.fn for c in problem.conditions.values() if isinstance(c.fn, nn.Module))
+            )
+        self._systems: OrderedDict[tuple, BlockSystem] = OrderedDict()
         self._sample_shapes: dict[str, tuple[int, ...]] = {}
         self.last_solution: Solution | None = None
-        self._adjoints: dict[str, AdjointProblem] = {}
+        self._backward_infos: dict[str, SolveInfo | None] = {}
 
     @property
     def backward_info(self) -> dict[str, SolveInfo | None]:
         """The `SolveInfo` of each block's last IFT backward solve (`None` until a backward pass ran)."""
-        return {name: adjoint.info for name, adjoint in self._adjoints.items()}
+        return dict(self._backward_infos)
 
     # ------------------------------------------------------------------------------ calling
-    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Solve for the given inputs; returns the outputs' solutions as a tuple in the order of `outputs`."""
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Solve for the given inputs; returns the outputs' solutions as a tuple in the order of `outputs`
+        (the tensor alone when `outputs` was a single node)."""
         solution = self.solve(*tensors)
+        if self._single_output:
+            return solution.values[self.output_names[0]]
         return tuple(solution.values[n] for n in self.output_names)
 
     # A user's `torch.compile(model)` breaks the graph cleanly here instead of tracing the solver loop
     # (whose data-dependent stopping makes Dynamo skip frames and compile tiny per-iteration lambdas).
     @torch.compiler.disable
-    def solve(self, *tensors: torch.Tensor) -> Solution:
+    def solve(self, *tensors: torch.Tensor, init: Mapping[str, InitSpec] | None = None) -> Solution:
         """Solve for the given inputs; returns the full `Solution` (every variable, per-block info).
+
+        Args:
+            *tensors: the input tensors, in the order of `inputs`.
+            init: starts for this call only, by variable name (same forms as the constructor's `init`),
+                overriding the layer's; e.g. a warm start from the previous solution.
 
         Normalised weights (`il.nn.weight_norm`, `il.nn.spectral_norm`) are computed once for the whole
         solve, not once per iteration. Under `torch.compile` the solve runs eagerly (a graph break).
         """
+        solver, mode = self.solver, self.backward_mode
+        interceptors = _interceptors.get()
+        for hook in interceptors:
+            solver = hook.solver(solver) if hook.solver is not None else solver
+            mode = hook.backward if hook.backward is not None else mode
+        overrides = dict(init or {})
+        if overrides:
+            _check_init(overrides, self.problem)
         with cached_weights():
-            return self._solve(*tensors)
+            solution = self._solve(tensors, solver, mode, overrides)
+        for hook in interceptors:
+            if hook.record is not None:
+                hook.record(self, tensors, solution, self.backward_mode)
+        return solution
 
-    def _solve(self, *tensors: torch.Tensor) -> Solution:
+    def _solve(self, tensors: Sequence[torch.Tensor], solver: Any, mode: BackwardMode, overrides: Mapping[str, InitSpec]) -> Solution:
         env = self._check_inputs(tensors)
         batch = tensors[0].shape[0]
         ref = next(t for t in tensors if t.is_floating_point())  # starts take its dtype and device
-        starts = {name: self._start(name, tensors, batch, ref) for name in self.problem.variables}
+        starts = {
+            name: self._start(name, overrides.get(name, self.init[name]), tensors, batch, ref) for name in self.problem.variables
+        }
         infos: dict[str, SolveInfo] = {}
         duals: dict[str, torch.Tensor] = {}
         for index in range(len(self.problem.blocks)):
-            system = self._system(index, starts)
-            values, info, block_duals = self._solve_block(system, env, starts, batch)
+            system = self.block_system(index, starts)
+            outer = {n: env[n] for n in system.reads}
+            w0 = system.pack({n: starts[n] for n in system.names}, batch)
+            block = BlockSolve(system, outer, w0, solver, system.preconditioner(w0), self._reporter(system.name))
+            w_out, info = mode.solve(block)
+            values = system.unpack(w_out)
+            duals.update({n: values.pop(n).detach() for n in list(values) if n not in system.names})
             env.update(values)
             infos[system.name] = info
-            duals.update(block_duals)
         solution = Solution(values={n: env[n] for n in self.problem.variables}, info=infos, duals=duals)
         # Detached, so that keeping the last solution does not keep the last call's autograd graph alive.
         self.last_solution = Solution({n: v.detach() for n, v in solution.values.items()}, infos, duals)
         return solution
 
-    # ------------------------------------------------------------------------------ one block
-    def _solve_block(self, system: BlockSystem, env: dict, starts: dict, batch: int):
-        outer = {n: env[n] for n in system.reads}
-        w0 = system.pack({n: starts[n] for n in system.names}, batch)
-        precond = system.preconditioner(w0)
-        track = torch.is_grad_enabled()
-        mode = self.backward_mode
-        if isinstance(mode, Unroll) and track:
-            w_out, info = self.solver.solve(
-                lambda w: system.residual(w, outer, create_graph=True), w0, precond=precond, name=system.name
-            )
-            w_out = system.project_constrained(w_out)
+    def _reporter(self, name: str) -> Callable[[SolveInfo], None]:
+        self._backward_infos.setdefault(name, None)
+
+        def report(info: SolveInfo) -> None:
+            self._backward_infos[name] = info
+
+        return report
+
+    # ------------------------------------------------------------------------------ compiled blocks
+    def block_system(self, index: int, values: Mapping[str, torch.Tensor]) -> BlockSystem:
+        """Block `index` compiled for the sample shapes of `values` (batched `(B, ...)` tensors by name,
+        e.g. `solution.values`): its packed residual, packing and slots. Compiled once per shape."""
+        if not 0 <= index < len(self.problem.blocks):
+            raise IndexError(f"ImplicitLayer: block {index} does not exist; the problem has {len(self.problem.blocks)} block(s).")
+        shapes = {n: tuple(values[n].shape[1:]) for n in self.problem.blocks[index]}
+        key = (index, tuple(sorted(shapes.items())))
+        system = self._systems.get(key)
+        if system is None:
+            system = self._systems[key] = BlockSystem(self.problem, index, shapes)
+            while len(self._systems) > _MAX_COMPILED_BLOCKS:
+                self._systems.popitem(last=False)
         else:
-            detached = {n: t.detach() for n, t in outer.items()}
-            with torch.no_grad():
-                w_star, info = self.solver.solve(
-                    lambda w: system.residual(w, detached), w0.detach(), precond=precond, name=system.name
-                )
-                w_star = system.project_constrained(w_star)
-            w_out = self._differentiate(system, w_star, outer, detached, precond) if track else w_star
-        values = system.unpack(w_out)
-        duals = {n: values.pop(n).detach() for n in list(values) if n not in system.names}
-        return values, info, duals
-
-    def _differentiate(self, system, w_star, outer, detached, precond) -> torch.Tensor:
-        mode = self.backward_mode
-        if isinstance(mode, Phantom):
-            w = w_star
-            for _ in range(mode.k):
-                r = system.residual(w, outer, create_graph=True)
-                step = r if precond is None else r * precond
-                w = w - mode.damping * step
-            return w
-        if not isinstance(mode, IFT):  # Unroll under no_grad never reaches here
-            return w_star
-        solver = adjoint_solver(mode, self.solver)
-        if mode.first_order and system.objectives:
-            if not system.equations:
-                return w_star  # optimised variables only: constants by definition of first_order
-            idx = system.equation_indices(w_star.device)
-            sub_precond = None if precond is None else precond[idx]
-
-            def embed(w_eq: torch.Tensor) -> torch.Tensor:
-                return w_star.detach().index_copy(1, idx, w_eq)
-
-            adjoint = AdjointProblem(
-                residual=lambda w_eq: system.residual(embed(w_eq), detached, create_graph=True, equations_only=True),
-                w_star=w_star[:, idx], solver=solver, precond=sub_precond, name=system.name,
-                warm_start=self._dual_warm_start(system, w_star, idx), second_order=mode.second_order,
-            )
-            self._adjoints[system.name] = adjoint
-            out_eq = attach_ift(
-                lambda w_eq: system.residual(embed(w_eq), outer, create_graph=True, equations_only=True), w_star[:, idx], adjoint
-            )
-            return w_star.detach().index_copy(1, idx, out_eq)
-        adjoint = AdjointProblem(
-            residual=lambda w: system.residual(w, detached, create_graph=True),
-            w_star=w_star, solver=solver, precond=precond, name=system.name, second_order=mode.second_order,
-            warm_start=self._dual_warm_start(system, w_star, system.equation_indices(w_star.device)) if system.equations else None,
-        )
-        self._adjoints[system.name] = adjoint
-        return attach_ift(lambda w: system.residual(w, outer, create_graph=True), w_star, adjoint)
-
-    @staticmethod
-    def _dual_warm_start(system: BlockSystem, w_star: torch.Tensor, idx: torch.Tensor):
-        """Warm start of the adjoint from the forward dual μ*, rescaled per sample to the gradient.
-
-        When the outer loss is the inner objective, the DEQ adjoint of the equations is exactly a multiple
-        of μ* (JIIO's observation), so the backward solve starts at (or next to) its answer.
-        """
-        if len(system.total_objectives) != 1:
-            return None
-        obj = system.total_objectives[0]
-        parts = [system.slots[system.adjoint_name(obj, eq)] for eq in system.equations]
-        mu = torch.cat([w_star[:, s.offset : s.offset + s.size] for s in parts], 1).detach()
-
-        def start(grad: torch.Tensor) -> torch.Tensor:
-            # The adjoint system is over the equation rows (first-order IFT) or the whole block (exact IFT):
-            # μ* fills the equation rows; the rest starts at zero.
-            g_eq = grad if grad.shape[1] == idx.numel() else grad[:, idx]
-            scale = (mu * g_eq).sum(1, keepdim=True) / (mu * mu).sum(1, keepdim=True).clamp_min(torch.finfo(mu.dtype).tiny)
-            if grad.shape[1] == idx.numel():
-                return scale * mu
-            return torch.zeros_like(grad).index_copy(1, idx, scale * mu)
-
-        return start
+            self._systems.move_to_end(key)
+        return system
 
     # ------------------------------------------------------------------------------ checks
-    def _system(self, index: int, starts: Mapping[str, torch.Tensor]) -> BlockSystem:
-        shapes = {n: tuple(starts[n].shape[1:]) for n in self.problem.blocks[index]}
-        key = (index, tuple(sorted(shapes.items())))
-        if key not in self._systems:
-            self._systems[key] = BlockSystem(self.problem, index, shapes)
-        return self._systems[key]
-
     def _check_inputs(self, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         if len(tensors) != len(self.input_names):
             raise TypeError(
@@ -258,6 +284,12 @@ class ImplicitLayer(nn.Module):
         for name, t in zip(self.input_names, tensors):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"ImplicitLayer: input {name!r} must be a torch.Tensor, got {type(t).__name__}.")
+            if t.device.type == "meta":
+                raise NotImplementedError(
+                    f"ImplicitLayer: input {name!r} is on the 'meta' device. An implicit layer's output shape and "
+                    "values come from an iterative solve that must read values, so meta tensors are not supported; "
+                    "run it on 'cpu' (a batch of one is enough to learn the output shapes)."
+                )
             if t.dim() == 0:
                 raise ValueError(f"ImplicitLayer: input {name!r} must have a leading batch dimension, got a scalar.")
             if first is None:
@@ -279,30 +311,46 @@ class ImplicitLayer(nn.Module):
             raise TypeError("ImplicitLayer: at least one input must be a floating-point tensor (it sets the dtype of the solve).")
         return env
 
-    def _start(self, name: str, tensors: Sequence[torch.Tensor], batch: int, ref: torch.Tensor) -> torch.Tensor:
+    def _start(self, name: str, spec: InitSpec, tensors: Sequence[torch.Tensor], batch: int, ref: torch.Tensor) -> torch.Tensor:
         """The `(B, ...)` start of a variable from its `init` entry.
 
-        A callable's result and a tensor whose first dimension is B (with at least two dimensions) are
-        batched starts; any other tensor is one sample's start, broadcast over the batch. Once a
-        variable's sample shape is known (after the first call), a tensor equal to that sample shape is
-        always broadcast, and a start of any other shape is an error. For a matrix-shaped variable whose
-        first dimension may equal the batch size, pass a callable.
+        A callable's result is a batched start, whatever its sample shape (so a convolutional model may
+        be called at a new image size). A tensor whose first dimension is B (with at least two
+        dimensions) is a batched start; any other tensor is one sample's start, broadcast over the batch.
+        Once a tensor start's sample shape is known, a tensor equal to that sample shape is always
+        broadcast and a tensor of any other shape is an error. For a matrix-shaped variable whose first dimension may equal the batch size, pass a
+        callable.
         """
-        spec = self.init[name]
         from_callable = callable(spec) and not isinstance(spec, torch.Tensor)
         value = spec(*tensors) if from_callable else spec
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"ImplicitLayer: init for {name!r} must be a tensor or return one, got {type(value).__name__}.")
         value = value.detach().to(device=ref.device, dtype=ref.dtype)
+        if from_callable:
+            if value.dim() < 1 or value.shape[0] != batch:
+                raise ValueError(
+                    f"ImplicitLayer: the init callable for {name!r} returned shape {tuple(value.shape)}; it must return a "
+                    f"batched start whose first dimension is the batch size {batch}."
+                )
+            return value
         known = self._sample_shapes.get(name)
         if known is not None:
             batched = tuple(value.shape) == (batch, *known)
             if not batched and tuple(value.shape) != known:
                 raise ValueError(
                     f"ImplicitLayer: init for {name!r} has shape {tuple(value.shape)}, which is neither one sample {known} "
-                    f"nor a batch {(batch, *known)}."
+                    f"nor a batch {(batch, *known)}. A start that must follow the inputs' shapes is a callable of the inputs."
                 )
         else:
-            batched = value.dim() >= 1 and value.shape[0] == batch and (from_callable or value.dim() > 1)
+            batched = value.dim() > 1 and value.shape[0] == batch
             self._sample_shapes[name] = tuple(value.shape[1:]) if batched else tuple(value.shape)
         return value if batched else value.expand(batch, *value.shape).contiguous()
+
+
+def _check_init(init: Mapping[str, Any], problem: Problem) -> None:
+    extra = sorted(set(init) - set(problem.variables))
+    if extra:
+        raise ValueError(f"ImplicitLayer: init names unknown variable(s) {extra}; variables are {sorted(problem.variables)}.")
+    for name, spec in init.items():
+        if not (isinstance(spec, torch.Tensor) or callable(spec)):
+            raise TypeError(f"ImplicitLayer: init for {name!r} must be a tensor or a callable of the inputs, got {type(spec).__name__}.")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
+import math
+import types
 from typing import Callable, Sequence
 
 import networkx as nx
@@ -33,9 +36,39 @@ class Variable(Node):
 
 
 def _check_positive(owner: str, what: str, value: float, upper: float | None = None) -> None:
-    if not isinstance(value, (int, float)) or value <= 0 or (upper is not None and value > upper):
-        bound = f" and at most {upper}" if upper is not None else ""
+    # `not value > 0` (rather than `value <= 0`) also rejects NaN; booleans are not numbers here.
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok or (upper is not None and value > upper):
+        bound = f" and at most {upper}" if upper is not None else " and finite"
         raise ValueError(f"{owner}: {what} must be positive{bound}, got {value!r}.")
+
+
+def _copy_closure(fn: types.FunctionType, memo: dict) -> types.FunctionType:
+    """A copy of `fn` whose captured values are deep-copied with `memo`.
+
+    `copy.deepcopy` shares functions, so a condition written as a closure over a module or tensor
+    (`lambda z, x: torch.tanh(z @ W.T + x)`) would keep reading the *original* `W` in a copied layer
+    (an EMA teacher, a float64 copy for checking). Copying the captured values with the same memo makes
+    the copy read the copied tensors and modules.
+    """
+    if not fn.__closure__:
+        return fn
+    cells = []
+    for cell in fn.__closure__:
+        try:
+            contents = cell.cell_contents
+        except ValueError:  # an empty cell (a name not yet bound)
+            cells.append(cell)
+            continue
+        try:
+            cells.append(types.CellType(copy.deepcopy(contents, memo)))
+        except Exception:  # noqa: BLE001 - not copyable (a lock, a C object): share it, as deepcopy shares functions
+            cells.append(cell)
+    new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, tuple(cells))
+    new.__kwdefaults__ = copy.copy(fn.__kwdefaults__)
+    new.__dict__.update(fn.__dict__)
+    new.__qualname__ = fn.__qualname__
+    return new
 
 
 class Condition:
@@ -64,6 +97,16 @@ class Condition:
                 )
         self.variable, self.fn, self.args = variable, fn, args
         _check_arity(self)
+
+    def __deepcopy__(self, memo: dict) -> "Condition":
+        new = copy.copy(self)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key == "fn" and isinstance(value, types.FunctionType):
+                new.fn = _copy_closure(value, memo)
+            else:
+                setattr(new, key, copy.deepcopy(value, memo))
+        return new
 
     @property
     def is_equation(self) -> bool:

@@ -2,11 +2,16 @@
 
 Every projection acts on each sample of a `(B, ...)` tensor separately (over its flattened trailing
 dimensions), so samples never interact.
+
+Each set also computes the *natural residual* `v − Π(v − s)` of a step `s` without cancellation
+(`natural_residual`): written as a difference, it rounds to exactly 0 once `|v| ≫ |s| / eps` along an
+unbounded direction, which would report a point far from the solution as converged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -20,12 +25,33 @@ def _like(value: torch.Tensor | float | None, like: torch.Tensor) -> torch.Tenso
     return torch.as_tensor(value, dtype=like.dtype, device=like.device)
 
 
+def _check_bound(owner: str, what: str, value: object, *, allow_inf: int = 0) -> None:
+    """Reject NaN bounds (and infinite ones of the wrong sign: `allow_inf` is −1, +1, or 0 for none)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(f"{owner}: {what} must be a number or a tensor, got {type(value).__name__}.")
+    t = torch.as_tensor(value, dtype=torch.float64) if not isinstance(value, torch.Tensor) else value.detach()
+    if t.is_floating_point() and t.device.type != "meta":
+        if bool(torch.isnan(t).any()):
+            raise ValueError(f"{owner}: {what} contains NaN.")
+        bad = torch.isinf(t) & ~((t > 0) if allow_inf > 0 else (t < 0) if allow_inf < 0 else torch.zeros_like(t, dtype=torch.bool))
+        if bool(bad.any()):
+            sign = {1: "+inf", -1: "-inf", 0: "no infinity"}[allow_inf]
+            raise ValueError(f"{owner}: {what} must be finite (it may be {sign}), got an infinite value.")
+
+
 class ConstraintSet:
     """A closed convex set `C` with a per-sample Euclidean projection `project(v)`."""
 
     def project(self, v: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         """The nearest point of the set to each sample of `v`."""
         raise NotImplementedError
+
+    def natural_residual(self, v: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """`v − Π(v − step)`, computed without cancellation where the set allows it.
+
+        The default is the plain difference; sets whose projection is known in closed form override it.
+        """
+        return v - self.project(v - step)
 
     def contains(self, v: torch.Tensor, atol: float = 1e-6) -> torch.Tensor:
         """Per-sample `(B,)` bool: whether each sample lies in the set (up to `atol`)."""
@@ -35,22 +61,53 @@ class ConstraintSet:
 
 @dataclasses.dataclass(frozen=True)
 class Box(ConstraintSet):
-    """`lower ≤ v ≤ upper` elementwise; bounds are floats or tensors broadcastable to `v`."""
+    """`lower ≤ v ≤ upper` elementwise; bounds are floats or tensors broadcastable to `v`.
+
+    `lower` may be `-inf` and `upper` `+inf` (unbounded sides); NaN bounds and an empty box
+    (`lower > upper` anywhere) are errors.
+    """
 
     lower: float | torch.Tensor = float("-inf")
     upper: float | torch.Tensor = float("inf")
 
     def __post_init__(self) -> None:
-        if isinstance(self.lower, (int, float)) and isinstance(self.upper, (int, float)) and self.lower > self.upper:
-            raise ValueError(f"Box: lower ({self.lower}) must not exceed upper ({self.upper}).")
+        _check_bound("Box", "lower", self.lower, allow_inf=-1)
+        _check_bound("Box", "upper", self.upper, allow_inf=1)
+        lo = torch.as_tensor(self.lower, dtype=torch.float64) if not isinstance(self.lower, torch.Tensor) else self.lower.detach()
+        hi = torch.as_tensor(self.upper, dtype=torch.float64) if not isinstance(self.upper, torch.Tensor) else self.upper.detach()
+        if "meta" in (lo.device.type, hi.device.type):
+            return
+        try:
+            shape = torch.broadcast_shapes(lo.shape, hi.shape)
+        except RuntimeError as err:
+            raise ValueError(
+                f"Box: lower {tuple(lo.shape)} and upper {tuple(hi.shape)} do not broadcast against each other."
+            ) from err
+        lo, hi = lo.to(hi.device, torch.float64).broadcast_to(shape), hi.to(torch.float64).broadcast_to(shape)
+        empty = lo > hi
+        if bool(empty.any()):
+            where = tuple(int(i) for i in empty.nonzero()[0]) if empty.dim() else ()
+            raise ValueError(
+                f"Box: the set is empty: lower > upper (first at index {where}: {float(lo[where]):g} > {float(hi[where]):g}); "
+                "lower must not exceed upper anywhere."
+            )
 
     def project(self, v: torch.Tensor) -> torch.Tensor:
         return torch.clamp(v, min=_like(self.lower, v), max=_like(self.upper, v))
 
+    def natural_residual(self, v: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        # v − clamp(v − s, l, u) = clamp(s, v − u, v − l) exactly: no difference of two huge numbers.
+        return torch.clamp(step, min=v - _like(self.upper, v), max=v - _like(self.lower, v))
+
 
 def _check_radius(name: str, radius: float) -> None:
-    if not isinstance(radius, (int, float)) or radius < 0:
-        raise ValueError(f"{name}: radius must be a non-negative number, got {radius!r}.")
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not math.isfinite(radius) or radius < 0:
+        raise ValueError(f"{name}: radius must be a non-negative number, finite, got {radius!r}.")
+
+
+def _check_center(name: str, center: object) -> None:
+    if center is not None:
+        _check_bound(name, "center", center)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +119,25 @@ class L2Ball(ConstraintSet):
 
     def __post_init__(self) -> None:
         _check_radius("L2Ball", self.radius)
+        _check_center("L2Ball", self.center)
+
+    def _scale(self, d: torch.Tensor) -> torch.Tensor:
+        """Per-sample factor `min(1, r/‖d‖)`, shaped to broadcast against `d`."""
+        norm = torch.linalg.vector_norm(d.reshape(d.shape[0], -1), dim=1).reshape((-1,) + (1,) * (d.dim() - 1))
+        return torch.clamp(self.radius / norm.clamp_min(torch.finfo(d.dtype).tiny), max=1.0)
 
     def project(self, v: torch.Tensor) -> torch.Tensor:
         c = _like(self.center, v)
         d = v - c
-        norm = torch.linalg.vector_norm(d.reshape(v.shape[0], -1), dim=1).reshape((-1,) + (1,) * (v.dim() - 1))
-        scale = torch.clamp(self.radius / norm.clamp_min(torch.finfo(v.dtype).tiny), max=1.0)
-        return c + d * scale
+        return c + d * self._scale(d)
+
+    def natural_residual(self, v: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        # Centred: u − Π(u − s) = s when u − s lies in the ball (exact), else u − r (u − s)/‖u − s‖.
+        u = v - _like(self.center, v)
+        d = u - step
+        scale = self._scale(d)
+        inside = scale >= 1.0
+        return torch.where(inside, step, u - d * scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +149,13 @@ class LInfBall(ConstraintSet):
 
     def __post_init__(self) -> None:
         _check_radius("LInfBall", self.radius)
+        _check_center("LInfBall", self.center)
 
     def project(self, v: torch.Tensor) -> torch.Tensor:
         c = _like(self.center, v)
         return c + (v - c).clamp(-self.radius, self.radius)
+
+    def natural_residual(self, v: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        # A box around the centre: the same exact clamp as `Box.natural_residual`.
+        u = v - _like(self.center, v)
+        return torch.clamp(step, min=u - self.radius, max=u + self.radius)

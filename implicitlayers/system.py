@@ -9,14 +9,16 @@ adjoint variables of its total objectives. For a total `Minimize(v, L)` with equ
     R_v = ∂L/∂v − (∂c/∂v)ᵀ μ          (for c = z − f:  ∂L/∂v + J_vᵀ μ)
 
 both read off one vector–Jacobian product of `φ = Σ_e ⟨μ_e, c_e⟩ − L`: `R_μ = ∇_E φ`, `R_v = −∇_v φ`.
-A constraint set replaces `R_v` by the natural residual `v − Π(v − α R_v)`.
+A constraint set replaces `R_v` by the natural residual `v − Π(v − α R_v)`, computed by the set without
+cancellation (`ConstraintSet.natural_residual`): as a plain difference it rounds to 0 far out along an
+unbounded direction and would report a point far from the solution as converged.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -133,6 +135,41 @@ class BlockSystem:
         """Indices of the equation variables in the packed unknown (for first-order IFT)."""
         return torch.cat([torch.arange(s.offset, s.offset + s.size, device=device) for s in self.equation_slots])
 
+    def dual_warm_start(self, w_star: torch.Tensor, idx: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """A warm start `g ↦ λ₀` of the IFT adjoint from the forward duals μ*, rescaled per sample to `g`.
+
+        When the outer loss is the block's (single) total objective, the adjoint of the equations is
+        exactly a multiple of μ* (JIIO's observation), so the backward solve starts at (or next to) its
+        answer. Any block with one total objective gets it; `None` for other blocks.
+
+        Args:
+            w_star: the packed solution.
+            idx: the equation rows of the packed unknown (`equation_indices`).
+        """
+        if len(self.total_objectives) != 1:
+            return None
+        obj = self.total_objectives[0]
+        parts = [self.slots[self.adjoint_name(obj, eq)] for eq in self.equations]
+        mu = torch.cat([w_star[:, s.offset : s.offset + s.size] for s in parts], 1).detach()
+
+        def start(grad: torch.Tensor) -> torch.Tensor:
+            # The adjoint system is over the equation rows (first-order IFT) or the whole block (exact IFT):
+            # μ* fills the equation rows; the rest starts at zero.
+            g_eq = grad if grad.shape[1] == idx.numel() else grad[:, idx]
+            scale = (mu * g_eq).sum(1, keepdim=True) / (mu * mu).sum(1, keepdim=True).clamp_min(torch.finfo(mu.dtype).tiny)
+            if grad.shape[1] == idx.numel():
+                return scale * mu
+            return torch.zeros_like(grad).index_copy(1, idx, scale * mu)
+
+        return start
+
+    def reads_grad(self, w: torch.Tensor, env: Mapping[str, torch.Tensor]) -> bool:
+        """Whether any condition's value at `w` requires grad through something other than `w` itself
+        (an outer tensor or a parameter the user's function captures). One plain evaluation of each function."""
+        with torch.enable_grad():
+            scope = {**env, **{n: v.detach() for n, v in self.unpack(w.detach()).items()}}
+            return any(self._call(c, scope).requires_grad for c in self.conditions)
+
     # ----------------------------------------------------------------------------- residual
     def residual(
         self,
@@ -167,9 +204,38 @@ class BlockSystem:
             out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         return out if create_graph else out.detach()
 
+    def _call(self, cond: Condition, scope: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """`cond.fn(*args)`; an error raised inside the user's function is re-raised with the condition,
+        the block and the shapes it received (the original exception chained)."""
+        args = [scope[a.name] for a in cond.args]
+        try:
+            return cond.fn(*args)
+        except Exception as err:  # noqa: BLE001 - re-raised with context, same type where possible
+            if getattr(err, "_implicitlayers_context", False):
+                raise  # an inner layer already said where it happened
+            raise _with_context(err, self._describe_call(cond, args)) from err
+
+    def _describe_call(self, cond: Condition, args: list[torch.Tensor]) -> str:
+        received = ", ".join(f"{a.name}: {_shape_of(t)}" for a, t in zip(cond.args, args))
+        own = self.slots[cond.variable.name].shape
+        what = "function" if cond.is_equation else "objective"
+        return (
+            f"{type(cond).__name__}({cond.variable.name}) in {self.name}: the {what} raised while being called with "
+            f"({received}); {cond.variable.name} has per-sample shape {own} (taken from its start: check the "
+            f"init / z_init / input shapes you passed against what the {what} expects)"
+        )
+
+    def _independent_objective(self, cond: Condition) -> ValueError:
+        v = cond.variable.name
+        return ValueError(
+            f"{type(cond).__name__}({v}) in {self.name}: the objective does not depend on {v} (autograd finds no "
+            f"path from {v} to its value). Compute it from {v} with differentiable torch operations (no .detach(), "
+            f".item(), numpy or in-place writes into {v}), and list {v} in its args."
+        )
+
     def _equation_residual(self, cond: Condition, scope: Mapping[str, torch.Tensor]) -> torch.Tensor:
         name = cond.variable.name
-        out = cond.fn(*(scope[a.name] for a in cond.args))
+        out = self._call(cond, scope)
         target = scope[name]
         if not isinstance(out, torch.Tensor) or out.shape != target.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -181,7 +247,7 @@ class BlockSystem:
 
     def _objective_value(self, cond: Minimize, scope: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The objective as written, `(B,)` (its sign for a `Maximize` is applied by the caller)."""
-        value = cond.fn(*(scope[a.name] for a in cond.args))
+        value = self._call(cond, scope)
         batch = scope[cond.variable.name].shape[0]
         if not isinstance(value, torch.Tensor) or value.shape != (batch,):
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
@@ -200,6 +266,8 @@ class BlockSystem:
             v_name = cond.variable.name
             v = values[v_name]
             loss = self._objective_value(cond, scope)
+            if not loss.requires_grad:
+                raise self._independent_objective(cond)
             if cond in self.total_objectives:
                 duals = [values[self.adjoint_name(cond, eq)] for eq in self.equations]
                 # ∇φ for φ = Σ_e ⟨μ_e, c_e⟩ − Σ L (L = sign · objective), as one VJP seeded with (μ, −sign):
@@ -219,12 +287,32 @@ class BlockSystem:
                     loss, [v], torch.full_like(loss, float(cond.sign)), create_graph=create_graph, retain_graph=retain,
                     allow_unused=True,
                 )
-                gradient = torch.zeros_like(v) if g is None else g
+                if g is None:
+                    raise self._independent_objective(cond)
+                gradient = g
             if cond.constraint is not None:
-                out[v_name] = v - cond.constraint.project(v - cond.step_size * gradient)
+                out[v_name] = cond.constraint.natural_residual(v, cond.step_size * gradient)
             else:
                 out[v_name] = gradient
         return out
+
+
+def _shape_of(t: object) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _with_context(err: Exception, context: str) -> Exception:
+    """`err` again, with `context` in front of its message: the same type when it takes a message
+    (so `except ValueError` in user code still works), else a `RuntimeError`."""
+    message = f"{context}. The original error: {type(err).__name__}: {err}"
+    try:
+        new = type(err)(message)
+    except Exception:  # noqa: BLE001 - an exception type with another signature
+        new = RuntimeError(message)
+    if str(new) != message:  # e.g. KeyError quotes its argument: keep the message readable
+        new = RuntimeError(message)
+    new._implicitlayers_context = True  # type: ignore[attr-defined]
+    return new
 
 
 class _nullcontext:

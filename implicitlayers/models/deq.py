@@ -90,8 +90,9 @@ class DEQ(nn.Module):
         else:
             self.z_init = z_init
             start = _zeros_like if z_init is None else z_init
-        # The module cell is registered first under its own name, so `deq.cell.weight` reads naturally;
-        # the layer holds the same module and `parameters()` lists each parameter once.
+        # The cell is registered once, under its own name (`deq.cell.weight`): the layer uses it without
+        # registering it again, so `state_dict` keys are unique and `torch.func.functional_call` swaps
+        # (and restores) each parameter under one name.
         self.cell = cell
         x, z = Input("x"), Variable("z")
         self.layer = ImplicitLayer(
@@ -101,6 +102,7 @@ class DEQ(nn.Module):
             solver=solver if solver is not None else Anderson(m=5, tol=1e-4, max_iter=50),
             backward=backward,
             init={"z": start},
+            register_modules=False,
         )
 
     @property

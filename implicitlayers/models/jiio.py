@@ -143,7 +143,6 @@ class JIIO(nn.Module):
         # One layer per number of context tensors (the problem's inputs are fixed at declaration) and
         # per setting, so that changing e.g. `jiio.solver` after construction takes effect.
         self._layers: dict[tuple, ImplicitLayer] = {}
-        self._x0: torch.Tensor | None = None
         self.layer(0)  # declare once now, so bad options fail at construction
 
     # ------------------------------------------------------------------------------ the problem
@@ -159,14 +158,7 @@ class JIIO(nn.Module):
         z, x = Variable("z"), Variable("x")
         target = Input("target")
         context = [Input(f"context{i}") for i in range(n_context)]
-        cell, head, objective = self.cell, self.head, self.objective
-
-        def state_map(z_, x_, *ctx):
-            return cell(z_, x_, *ctx)
-
-        def inner_objective(z_, y_, x_, *ctx):
-            return objective(head(z_, *ctx), y_, x_)
-
+        state_map, inner_objective = _StateMap(self.cell), _InnerObjective(self.objective, self.head)
         condition = Maximize if self.maximize else Minimize
         problem = Problem([
             FixedPoint(z, state_map, (z, x, *context), damping=self.damping),
@@ -178,7 +170,8 @@ class JIIO(nn.Module):
         # Context first: the layer takes its dtype from its first input, and targets may be class labels.
         return ImplicitLayer(
             problem, inputs=[*context, target], outputs=[x, z], solver=self.solver, backward=self.backward,
-            init={"z": self._z_start, "x": self._x_start},
+            init={"z": self._z_start, "x": self._zero_input},
+            register_modules=False,
         )
 
     def _z_start(self, *tensors: torch.Tensor) -> torch.Tensor:
@@ -192,22 +185,22 @@ class JIIO(nn.Module):
         start = self.z_init
         return start.expand(batch, *start.shape) if start.dim() == 0 or start.shape[0] != batch else start
 
-    def _x_start(self, *tensors: torch.Tensor) -> torch.Tensor:
+    def _zero_input(self, *tensors: torch.Tensor) -> torch.Tensor:
         target = tensors[-1]
-        batch = target.shape[0]
         ref = tensors[0] if tensors[0].is_floating_point() else target
         dtype = ref.dtype if ref.is_floating_point() else torch.get_default_dtype()
-        x0 = self._x0
-        if x0 is None:
-            return ref.new_zeros((batch, *self.input_shape), dtype=dtype)
+        return ref.new_zeros((target.shape[0], *self.input_shape), dtype=dtype)
+
+    def _input_start(self, x0: torch.Tensor, batch: int) -> torch.Tensor:
+        """The batched start of the optimised input from a user's `x0` (one sample's shape broadcasts)."""
         if tuple(x0.shape) == self.input_shape:
-            return x0.to(device=ref.device, dtype=dtype).expand(batch, *self.input_shape)
+            return x0.expand(batch, *self.input_shape)
         if tuple(x0.shape) != (batch, *self.input_shape):
             raise ValueError(
                 f"JIIO: x0 has shape {tuple(x0.shape)}; it must be ({batch}, *input_shape) = {(batch, *self.input_shape)} "
                 f"or one sample's shape {self.input_shape}."
             )
-        return x0.to(device=ref.device, dtype=dtype)
+        return x0
 
     # ------------------------------------------------------------------------------ calling
     def forward(self, target: torch.Tensor, *context: torch.Tensor, x0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,12 +223,9 @@ class JIIO(nn.Module):
         if not isinstance(target, torch.Tensor):
             raise TypeError(f"JIIO: target must be a torch.Tensor, got {type(target).__name__}.")
         layer = self.layer(len(context))
-        self._x0 = x0
-        try:
-            solution = layer.solve(*context, target)
-        finally:
-            self._x0 = None
-        return solution
+        # The start travels with this call (never through the module), so concurrent calls stay independent.
+        init = None if x0 is None else {"x": self._input_start(x0, target.shape[0])}
+        return layer.solve(*context, target, init=init)
 
     def inner_objective(self, x: torch.Tensor, z: torch.Tensor, target: torch.Tensor, *context: torch.Tensor) -> torch.Tensor:
         """The objective `(B,)` at a given input and state (as minimised, i.e. without the sign of `maximize`)."""
@@ -251,3 +241,21 @@ class JIIO(nn.Module):
         )
 
 
+class _StateMap:
+    """`(z, x, *context) ↦ cell(z, x, *context)`: a picklable condition function (a local closure is not)."""
+
+    def __init__(self, cell: Callable[..., torch.Tensor]) -> None:
+        self.cell = cell
+
+    def __call__(self, z: torch.Tensor, x: torch.Tensor, *context: torch.Tensor) -> torch.Tensor:
+        return self.cell(z, x, *context)
+
+
+class _InnerObjective:
+    """`(z, target, x, *context) ↦ objective(head(z, *context), target, x)`, picklable."""
+
+    def __init__(self, objective: Callable[..., torch.Tensor], head: Callable[..., torch.Tensor]) -> None:
+        self.objective, self.head = objective, head
+
+    def __call__(self, z: torch.Tensor, target: torch.Tensor, x: torch.Tensor, *context: torch.Tensor) -> torch.Tensor:
+        return self.objective(self.head(z, *context), target, x)

@@ -22,7 +22,7 @@ transform (a tensor built there is wrapped for that transform and must not escap
 from __future__ import annotations
 
 import contextlib
-import weakref
+import threading
 from typing import Iterator
 
 import torch
@@ -30,13 +30,23 @@ from torch import nn
 
 __all__ = ["CachedParametrization", "cached_weights"]
 
-# Depth of argument-less `cached_weights()` blocks, which cache every parametrization at once.
-_global_depth = 0
-# Blocks of any kind currently open, and a counter bumped whenever the last of them exits: an
-# entry from an older generation is void even if some path failed to clear it.
-_open_blocks = 0
-_generation = 0
-_registry: weakref.WeakSet[CachedParametrization] = weakref.WeakSet()
+
+class _ThreadState(threading.local):
+    """The cache's bookkeeping, one copy per thread.
+
+    Two threads calling the same layer at once each get their own cached weight (with their own
+    autograd graph): sharing one would let a thread backpropagate through a graph that another
+    thread's backward has already freed.
+    """
+
+    def __init__(self) -> None:
+        self.global_depth = 0  # argument-less `cached_weights()` blocks open in this thread
+        self.open_blocks = 0  # blocks of any kind open in this thread
+        self.depth: dict[int, int] = {}  # id(parametrization) -> module-specific blocks covering it
+        self.cached: dict[int, tuple[tuple[torch.Tensor, ...], tuple[int, ...], torch.Tensor]] = {}
+
+
+_state = _ThreadState()
 
 
 def inside_functorch_transform() -> bool:
@@ -48,45 +58,32 @@ class CachedParametrization(nn.Module):
     """Base class of the parametrizations registered by `weight_norm` and `spectral_norm`.
 
     Subclasses implement `compute(*originals) -> Tensor`. `forward` returns the cached value when a
-    [`cached_weights`][implicitlayers.nn.cached_weights] block covers this parametrization and the
-    raw tensors are the very same objects, unmodified, as when the value was computed.
+    [`cached_weights`][implicitlayers.nn.cached_weights] block of the calling thread covers this
+    parametrization and the raw tensors are the very same objects, unmodified, as when the value
+    was computed. The module itself holds no cache, so it pickles and deep-copies as a plain module.
     """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._cache_depth = 0
-        self._cached: tuple[tuple[torch.Tensor, ...], tuple[int, ...], int, torch.Tensor] | None = None
-        _registry.add(self)
-
-    def __getstate__(self) -> dict:
-        # A copy (deepcopy, pickle) starts outside any block, with no cached graph.
-        return {**super().__getstate__(), "_cache_depth": 0, "_cached": None}
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        _registry.add(self)
 
     def compute(self, *originals: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     @property
     def caching(self) -> bool:
-        """Whether a `cached_weights` block currently covers this parametrization."""
-        return self._cache_depth > 0 or _global_depth > 0
+        """Whether a `cached_weights` block of the calling thread currently covers this parametrization."""
+        return _state.global_depth > 0 or _state.depth.get(id(self), 0) > 0
+
+    @property
+    def _cached(self) -> tuple | None:
+        """The calling thread's cache entry `(originals, versions, value)`, if any (for tests and debugging)."""
+        return _state.cached.get(id(self))
 
     def forward(self, *originals: torch.Tensor) -> torch.Tensor:
         # Compiled regions recompute (the compiler fuses it); Dynamo need not trace the bookkeeping.
         if torch.compiler.is_compiling() or not self.caching:
             return self.compute(*originals)
         versions = tuple(t._version for t in originals)
-        hit = self._cached
-        if (
-            hit is not None
-            and hit[2] == _generation
-            and hit[1] == versions
-            and all(a is b for a, b in zip(hit[0], originals))
-        ):
-            return hit[3]
+        hit = _state.cached.get(id(self))
+        if hit is not None and hit[1] == versions and all(a is b for a, b in zip(hit[0], originals)):
+            return hit[2]
         if inside_functorch_transform():
             return self.compute(*originals)
         # Record the graph even under the solver's no_grad, so later uses can backpropagate to the
@@ -95,16 +92,8 @@ class CachedParametrization(nn.Module):
         with grad_mode:
             value = self.compute(*originals)
         # Versions are read after `compute`, which may update its own buffers but never the originals.
-        self._cached = (originals, tuple(t._version for t in originals), _generation, value)
+        _state.cached[id(self)] = (originals, tuple(t._version for t in originals), value)
         return value
-
-    def _enter(self) -> None:
-        self._cache_depth += 1
-
-    def _exit(self) -> None:
-        self._cache_depth -= 1
-        if not self.caching:
-            self._cached = None
 
 
 @contextlib.contextmanager
@@ -127,7 +116,8 @@ def cached_weights(*modules: nn.Module) -> Iterator[None]:
       parameters, therefore recomputes. Inside `torch.func` transforms the value is computed but
       never stored.
     - The cache is dropped when the outermost block covering the parametrization exits, so no graph
-      outlives the forward call. Blocks nest.
+      outlives the forward call. Blocks nest. The cache is per thread: concurrent calls from several
+      threads each compute and keep their own weight.
     - Outside any block each access recomputes the weight, as plain `torch.nn.utils.parametrize` does.
 
     Args:
@@ -140,28 +130,33 @@ def cached_weights(*modules: nn.Module) -> Iterator[None]:
             z = il.fixed_point(lambda z: torch.tanh(cell(z) + x), z0).value  # one weight computation
         ```
     """
-    global _global_depth, _open_blocks, _generation
     for module in modules:
         if not isinstance(module, nn.Module):
             raise TypeError(f"cached_weights: expected torch.nn.Module arguments, got {type(module).__name__}.")
     # Deduplicate so that a module passed twice (or shared by two cells) is entered once.
-    targets = list({id(p): p for m in modules for p in m.modules() if isinstance(p, CachedParametrization)}.values())
-    _open_blocks += 1
+    targets = list({id(p): p for m in modules for p in m.modules() if isinstance(p, CachedParametrization)})
+    state = _state
+    state.open_blocks += 1
     if not modules:
-        _global_depth += 1
-    for p in targets:
-        p._enter()
+        state.global_depth += 1
+    for key in targets:
+        state.depth[key] = state.depth.get(key, 0) + 1
     try:
         yield
     finally:
-        for p in targets:
-            p._exit()
+        for key in targets:
+            state.depth[key] -= 1
+            if state.depth[key] == 0:
+                del state.depth[key]
+                if state.global_depth == 0:
+                    state.cached.pop(key, None)
         if not modules:
-            _global_depth -= 1
-            if _global_depth == 0:
-                for p in list(_registry):
-                    if not p.caching:
-                        p._cached = None
-        _open_blocks -= 1
-        if _open_blocks == 0:
-            _generation += 1
+            state.global_depth -= 1
+        state.open_blocks -= 1
+        if state.global_depth == 0:
+            # Keep only entries still covered by an open module-specific block: no graph outlives its call.
+            for key in [k for k in state.cached if k not in state.depth]:
+                del state.cached[key]
+        if state.open_blocks == 0:
+            state.cached.clear()
+            state.depth.clear()

@@ -9,6 +9,7 @@ solve) the weight is computed once however many times the solver calls the cell.
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -19,6 +20,9 @@ from torch.nn.utils import parametrize
 from ._cache import CachedParametrization, inside_functorch_transform
 
 __all__ = ["spectral_norm", "weight_norm"]
+
+# Module-level (not per module): a lock on the module would make it unpicklable.
+_POWER_ITERATION_LOCK = threading.Lock()
 
 _WARMUP_ITERATIONS = 20  # power iterations at registration, so σ is accurate from the first call
 
@@ -100,6 +104,10 @@ class _SpectralNorm(CachedParametrization):
         self._seen: tuple[weakref.ref[torch.Tensor], int] | None = None
         self._power_iteration(self._matrix(weight.detach()), _WARMUP_ITERATIONS)
 
+    def __getstate__(self) -> dict:
+        # A weak reference cannot be pickled; a copy re-keys on its first training step.
+        return {**super().__getstate__(), "_seen": None}
+
     def _matrix(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.movedim(self.dim, 0).flatten(1)
 
@@ -124,11 +132,17 @@ class _SpectralNorm(CachedParametrization):
 
     def compute(self, weight: torch.Tensor) -> torch.Tensor:
         matrix = self._matrix(weight)
-        if not torch.compiler.is_compiling() and self._advance(weight):
-            self._power_iteration(matrix.detach(), self.n_power_iterations)
-            self._seen = (weakref.ref(weight), weight._version)
-        # Clones: a later in-place update of the buffers must not invalidate graphs built now.
-        u, v = self._u.clone(), self._v.clone()
+        if torch.compiler.is_compiling():
+            u, v = self._u.clone(), self._v.clone()
+        else:
+            # One lock for the check-advance-read sequence: two threads must neither both advance u for
+            # one parameter update nor read u, v while another thread writes them.
+            with _POWER_ITERATION_LOCK:
+                if self._advance(weight):
+                    self._power_iteration(matrix.detach(), self.n_power_iterations)
+                    self._seen = (weakref.ref(weight), weight._version)
+                # Clones: a later in-place update of the buffers must not invalidate graphs built now.
+                u, v = self._u.clone(), self._v.clone()
         sigma = torch.dot(u, matrix @ v)
         factor = torch.clamp(sigma / self.bound, min=1.0) if self.clip else sigma / self.bound
         return weight / factor

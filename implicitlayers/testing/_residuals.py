@@ -87,7 +87,7 @@ def condition_residuals(record: Record) -> list[ConditionResidual]:
     batch = next(iter(values.values())).shape[0]
     out: list[ConditionResidual] = []
     for index, names in enumerate(problem.blocks):
-        system = layer._system(index, values)
+        system = layer.block_system(index, values)
         totals = {c.variable.name for c in system.total_objectives}
         block_residual = None
         if totals:
