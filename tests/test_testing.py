@@ -19,8 +19,6 @@ from implicitlayers.testing import (
 )
 from implicitlayers.testing import strategies as ils
 
-pytest_plugins = ["pytester"]
-
 FAST = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -53,7 +51,7 @@ def deq_layer(*, solver=None, backward=None, mix: bool = False) -> ImplicitLayer
     )
 
 
-def total_objective_layer(solver=None) -> ImplicitLayer:
+def total_objective_layer(solver=None, u_start: float = 0.0) -> ImplicitLayer:
     """z = cell(z, u), u = argmin ½‖z − y‖² + ½‖u‖² through z's equation (a KKT block with adjoints)."""
     z, u, y = il.Variable("z"), il.Variable("u"), il.Input("y")
     cell = Cell(contraction=0.4)
@@ -62,7 +60,7 @@ def total_objective_layer(solver=None) -> ImplicitLayer:
         il.Minimize(u, lambda z_, y_, u_: 0.5 * ((z_ - y_) ** 2).sum(1) + 0.5 * (u_**2).sum(1), (z, y, u), step_size=0.3),
     ])
     return ImplicitLayer(problem, [y], [u, z], solver=solver or il.Anderson(tol=1e-7, max_iter=300),
-                         init={"z": torch.zeros(4), "u": torch.zeros(4)})
+                         init={"z": torch.zeros(4), "u": torch.full((4,), u_start)})
 
 
 @pytest.fixture
@@ -102,7 +100,8 @@ def test_check_solution_checks_total_objectives_and_their_adjoints():
     worst = check_solution(total_objective_layer(), y)
     assert {"FixedPoint(z) in block 0 (z, u)", "Minimize(u) in block 0 (z, u)", "adjoint mu[u|z] in block 0 (z, u)"} == set(worst)
     with pytest.raises(AssertionError, match=r"Minimize\(u\) in block 0 \(z, u\).*total derivative"):
-        check_solution(total_objective_layer(il.Anderson(max_iter=3, on_failure="ignore")), y)
+        # From u = 1 (μ = 0), a solve stopped after three steps is still far from stationary.
+        check_solution(total_objective_layer(il.Anderson(max_iter=3, on_failure="ignore"), u_start=1.0), y)
 
 
 # ---------------------------------------------------------------- check_gradients
@@ -166,6 +165,24 @@ def test_check_gradients_follows_closures_over_the_modules_own_submodules(x):
 
     result = check_gradients(Wrapper(), x[:2])
     assert result["finite_differences"] < 1e-5
+
+
+def test_check_gradients_follows_functions_held_inside_a_model(x):
+    # il.JIIO keeps the user's functions inside its own condition objects: the float64 copy must call
+    # the copied module through them, not the float32 original.
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = Cell(contraction=0.3)
+            self.jiio = il.JIIO(lambda z, u: self.cell(z, u), lambda z: z,
+                                lambda out, y, u: ((out - y) ** 2).sum(1) + 0.1 * (u**2).sum(1), 4, state_shape=4,
+                                solver=il.Anderson(tol=1e-8, max_iter=300))
+
+        def forward(self, y):
+            return self.jiio(y)
+
+    result = check_gradients(Model(), x[:2], against_unroll=False)
+    assert result["finite_differences"] < 1e-4
 
 
 # ---------------------------------------------------------------- batch independence and convergence
@@ -318,65 +335,3 @@ def test_strategies_reject_unknown_kinds():
         ils.convex_objectives("cubic")
     with pytest.raises(ValueError, match="kinds"):
         ils.problem_graphs(kinds=["maximize"])
-
-
-# ---------------------------------------------------------------- the pytest plugin
-
-
-@pytest.fixture
-def restore_hypothesis_profile():
-    name = settings.get_current_profile_name()
-    yield
-    settings.load_profile(name)
-
-
-def test_plugin_fixtures_run_the_checks(pytester, restore_hypothesis_profile):
-    pytester.makepyfile(
-        """
-        import pytest, torch, implicitlayers as il
-
-        def make(solver):
-            z, x = il.Variable("z"), il.Input("x")
-            return il.ImplicitLayer(il.Problem([il.FixedPoint(z, lambda z_, x_: 0.5 * torch.tanh(z_) + x_, (z, x))]),
-                                    [x], [z], solver=solver, init={"z": torch.zeros(3)})
-
-        def test_good(il_check_solution, il_check_batch_independence, il_check_convergence, il_check_gradients):
-            layer, x = make(il.Anderson(tol=1e-6)), torch.randn(2, 3)
-            il_check_solution(layer, x)
-            il_check_batch_independence(layer, x)
-            il_check_convergence(layer, x, max_nfe=50)
-            il_check_gradients(layer, x, wrt_parameters=False)
-
-        def test_early(il_check_solution):
-            il_check_solution(make(il.Anderson(max_iter=1, on_failure="ignore")), torch.randn(2, 3))
-
-        def test_strategies(il_strategies):
-            from hypothesis import given, settings
-
-            assert settings.get_current_profile_name() == "implicitlayers-ci"
-
-            @given(il_strategies.problem_graphs())
-            def check(graph):
-                assert graph.problem.blocks
-
-            check()
-        """
-    )
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--hypothesis-profile=implicitlayers-ci")
-    result.assert_outcomes(passed=2, failed=1)
-    result.stdout.fnmatch_lines(["*FixedPoint(z) in block 0 (z): 2/2 samples violate it*"])
-
-
-def test_plugin_registers_the_ci_profile_without_loading_it(pytester, restore_hypothesis_profile):
-    settings.load_profile("default")  # as in a run without --hypothesis-profile
-    pytester.makepyfile(
-        """
-        from hypothesis import settings
-
-        def test_profile():
-            assert settings.get_current_profile_name() == "default"
-            ci = settings.get_profile("implicitlayers-ci")
-            assert ci.deadline is None and ci.derandomize and ci.max_examples == 20
-        """
-    )
-    pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)

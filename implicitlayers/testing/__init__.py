@@ -5,7 +5,8 @@ The checks ([`check_solution`][implicitlayers.testing.check_solution],
 [`check_batch_independence`][implicitlayers.testing.check_batch_independence],
 [`check_convergence`][implicitlayers.testing.check_convergence]) need only torch and raise
 `AssertionError` with a report. The strategies (`implicitlayers.testing.strategies`) need Hypothesis
-(the `dev` extra) and load on first use, so importing this package never requires it.
+(the `test` extra). Both load on first use: importing this package imports neither torch nor
+Hypothesis.
 
 Profiles: `register_profiles()` registers the Hypothesis profile `"implicitlayers-ci"` (few examples,
 no deadline, derandomized); load it with `pytest --hypothesis-profile=implicitlayers-ci` or
@@ -15,12 +16,13 @@ no deadline, derandomized); load it with `pytest --hypothesis-profile=implicitla
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .checks import check_batch_independence as check_batch_independence
-from .checks import check_convergence as check_convergence
-from .checks import check_gradients as check_gradients
-from .checks import check_solution as check_solution
+if TYPE_CHECKING:
+    from .checks import check_batch_independence as check_batch_independence
+    from .checks import check_convergence as check_convergence
+    from .checks import check_gradients as check_gradients
+    from .checks import check_solution as check_solution
 
 __all__ = [
     "check_solution",
@@ -52,9 +54,21 @@ def register_profiles() -> None:
     )
 
 
+# Loaded on first use (PEP 562), so that importing this package (the pytest plugin does, in every
+# pytest run of an environment where implicitlayers is installed) imports neither torch nor Hypothesis.
+_CHECKS = ("check_solution", "check_gradients", "check_batch_independence", "check_convergence")
+
+
 def __getattr__(name: str) -> Any:
-    if name == "strategies":
-        module = importlib.import_module("implicitlayers.testing.strategies")
-        globals()[name] = module
-        return module
-    raise AttributeError(f"module 'implicitlayers.testing' has no attribute {name!r}")
+    if name in _CHECKS:
+        value = getattr(importlib.import_module("implicitlayers.testing.checks"), name)
+    elif name == "strategies":
+        value = importlib.import_module("implicitlayers.testing.strategies")
+    else:
+        raise AttributeError(f"module 'implicitlayers.testing' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_CHECKS, "strategies"})

@@ -1,12 +1,12 @@
 """Plumbing shared by the checks: recording (and overriding) the implicit solves a module runs, calling
-it, copying it safely, and formatting reports."""
+it, copying it safely, and formatting reports. It uses the layer's public hooks only
+(`implicitlayers.layer.intercept_solves`, `ImplicitLayer.block_system`)."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import dataclasses
-import functools
 import types
 import warnings
 from typing import Any, Callable, Iterator, Sequence
@@ -14,8 +14,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..backward import BackwardMode
 from ..errors import ConvergenceWarning
-from ..layer import ImplicitLayer, Solution
+from ..layer import ImplicitLayer, Solution, intercept_solves
 
 __all__ = [
     "Record",
@@ -43,7 +44,7 @@ class Record:
     layer: ImplicitLayer
     tensors: tuple[torch.Tensor, ...]
     solution: Solution
-    backward_mode: Any
+    backward_mode: BackwardMode
 
 
 def check_module(module: Any) -> None:
@@ -56,41 +57,25 @@ def check_module(module: Any) -> None:
 
 @contextlib.contextmanager
 def record_solves(
-    solver: Callable[[Any], Any] | None = None, backward: Any = None
+    solver: Callable[[Any], Any] | None = None, backward: BackwardMode | None = None
 ) -> Iterator[list[Record]]:
     """Record every `ImplicitLayer.solve` while the block runs, optionally overriding solver and backward mode.
 
-    The class method is wrapped (and restored afterwards), so layers that a module builds lazily or
-    keeps outside its registered submodules are seen too, whether the module calls `layer(...)` or
-    `layer.solve(...)`. The backward mode is read during `solve` (the IFT's adjoint problem is built
-    there), so an override applies to the gradients of the recorded calls.
+    Built on the public hook `implicitlayers.layer.intercept_solves`, so layers that a module builds
+    lazily or keeps outside its registered submodules are seen too, whether the module calls
+    `layer(...)` or `layer.solve(...)`, and no layer's own settings change.
 
     Args:
         solver: maps each layer's forward solver to the one to use (e.g. a tightened copy).
         backward: a backward mode to use instead of each layer's own.
     """
     records: list[Record] = []
-    original = ImplicitLayer.solve
 
-    @functools.wraps(original)
-    def solve(self: ImplicitLayer, *tensors: torch.Tensor) -> Solution:
-        saved = (self.solver, self.backward_mode)
-        if solver is not None:
-            self.solver = solver(self.solver)
-        if backward is not None:
-            self.backward_mode = backward
-        try:
-            solution = original(self, *tensors)
-        finally:
-            self.solver, self.backward_mode = saved
-        records.append(Record(self, tuple(tensors), solution, saved[1]))
-        return solution
+    def record(layer: ImplicitLayer, tensors: tuple[torch.Tensor, ...], solution: Solution, own: BackwardMode) -> None:
+        records.append(Record(layer, tuple(tensors), solution, own))
 
-    ImplicitLayer.solve = solve  # type: ignore[method-assign]
-    try:
+    with intercept_solves(solver=solver, backward=backward, record=record):
         yield records
-    finally:
-        ImplicitLayer.solve = original  # type: ignore[method-assign]
 
 
 def outputs_of(result: Any) -> list[torch.Tensor]:
@@ -118,76 +103,82 @@ def call(module: nn.Module, inputs: Sequence[Any]) -> list[torch.Tensor]:
     return tensors
 
 
-def _seed_memo(obj: Any, memo: dict[int, Any], seen: set[int], depth: int = 0) -> None:
-    """Map every non-leaf tensor reachable from `obj` to a detached copy in a deepcopy memo.
+@dataclasses.dataclass
+class _Memo:
+    """A deepcopy memo seeded from a walk over the module (depth-limited), before copying.
 
-    `copy.deepcopy` refuses tensors that carry an autograd graph; modules hold some after a forward
-    (the last solution, cached normalised weights). A check wants the module's state, not that graph.
+    - Tensors that carry an autograd graph map to detached copies: `copy.deepcopy` refuses them, and
+      modules hold some after a forward (the last solution, cached normalised weights). A check wants
+      the module's state, not that graph.
+    - Closures map to copies whose cells are filled once the module is copied, from the same memo: a
+      function that captures the module (`lambda z, x: self.cell(z, x)`, kept inside a model's wrapper
+      object such as JIIO's state map) then calls the copy. `Condition.__deepcopy__` does this for
+      functions that are a condition itself; functions held deeper need the memo.
     """
-    if depth > 8 or id(obj) in seen:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        if obj.grad_fn is not None:
-            memo[id(obj)] = obj.detach().clone()
-        return
-    if isinstance(obj, (str, bytes, int, float, bool, type(None))) or callable(obj) and not isinstance(obj, nn.Module):
-        return
-    if isinstance(obj, dict):
-        children: Any = obj.values()
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        children = obj
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        children = [getattr(obj, f.name, None) for f in dataclasses.fields(obj)]
-    elif hasattr(obj, "__dict__"):
-        children = vars(obj).values()
-    else:
-        return
-    for child in list(children):
-        _seed_memo(child, memo, seen, depth + 1)
 
+    memo: dict[int, Any] = dataclasses.field(default_factory=dict)
+    closures: list[tuple[types.FunctionType, types.FunctionType]] = dataclasses.field(default_factory=list)
+    seen: set[int] = dataclasses.field(default_factory=set)
 
-def _copy_function(f: types.FunctionType, memo: dict[int, Any]) -> types.FunctionType:
-    """A copy of a closure whose captured values are deep-copied with the same memo, so a function
-    that captures a module (`lambda z, x: cell(z, x)`) follows the copy of that module."""
-    if not f.__closure__:
-        return f
-    cells = tuple(types.CellType() for _ in f.__closure__)
-    g = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__, cells)
-    g.__kwdefaults__, g.__qualname__ = f.__kwdefaults__, f.__qualname__
-    g.__dict__.update(f.__dict__)
-    memo[id(f)] = g  # before the contents: a closure may capture itself
-    for new, old in zip(cells, f.__closure__):
-        try:
-            contents = old.cell_contents
-        except ValueError:  # an empty cell (a name assigned later)
-            continue
-        try:
-            new.cell_contents = copy.deepcopy(contents, memo)
-        except Exception:  # not copyable (a module object, a lock): share it, as deepcopy shares functions
-            new.cell_contents = contents
-    return g
+    def walk(self, obj: Any, depth: int = 0) -> None:
+        if depth > 8 or id(obj) in self.seen:
+            return
+        self.seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if obj.grad_fn is not None:
+                self.memo[id(obj)] = obj.detach().clone()
+            return
+        if isinstance(obj, types.FunctionType):
+            if obj.__closure__:
+                self._closure(obj)
+                for cell in obj.__closure__:
+                    with contextlib.suppress(ValueError):  # an empty cell (a name not yet bound)
+                        self.walk(cell.cell_contents, depth + 1)
+            return
+        if isinstance(obj, (str, bytes, int, float, bool, type(None), type, types.ModuleType)):
+            return
+        if isinstance(obj, dict):
+            children: Any = obj.values()
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            children = obj
+        elif hasattr(obj, "__dict__"):
+            children = vars(obj).values()
+        else:
+            return
+        for child in list(children):
+            self.walk(child, depth + 1)
+
+    def _closure(self, f: types.FunctionType) -> None:
+        assert f.__closure__ is not None
+        g = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__, tuple(types.CellType() for _ in f.__closure__))
+        g.__kwdefaults__, g.__qualname__ = f.__kwdefaults__, f.__qualname__
+        g.__dict__.update(f.__dict__)
+        self.memo[id(f)] = g
+        self.closures.append((f, g))
+
+    def fill_closures(self) -> None:
+        """Give each copied closure deep copies of what the original captures (after the module is copied)."""
+        for f, g in self.closures:
+            for old, new in zip(f.__closure__ or (), g.__closure__ or ()):
+                try:
+                    contents = old.cell_contents
+                except ValueError:
+                    continue
+                try:
+                    new.cell_contents = copy.deepcopy(contents, self.memo)
+                except Exception:  # noqa: BLE001 - not copyable (a lock, a C object): share it, as deepcopy shares functions
+                    new.cell_contents = contents
 
 
 def detached_deepcopy(module: nn.Module) -> nn.Module:
     """`copy.deepcopy(module)`, with tensors that carry an autograd graph copied detached and closures
-    copied together with what they capture.
-
-    Python's deepcopy shares functions; a problem's conditions are often closures over the module's
-    own submodules, and the copy must call the copied (e.g. float64) submodules, not the originals.
-    """
-    memo: dict[int, Any] = {}
-    _seed_memo(module, memo, set())
-    dispatch = copy._deepcopy_dispatch  # type: ignore[attr-defined]
-    previous = dispatch.get(types.FunctionType)
-    dispatch[types.FunctionType] = _copy_function
-    try:
-        return copy.deepcopy(module, memo)
-    finally:
-        if previous is None:
-            dispatch.pop(types.FunctionType, None)
-        else:
-            dispatch[types.FunctionType] = previous
+    copied together with what they capture (see `_Memo`), so the copy calls the copied (e.g. float64)
+    submodules, not the originals."""
+    seeded = _Memo()
+    seeded.walk(module)
+    copied = copy.deepcopy(module, seeded.memo)
+    seeded.fill_closures()
+    return copied
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..backward import Unroll
+from ..backward import BackwardMode, Unroll
 from ..layer import ImplicitLayer
 from ..solvers import SolverConfig
 from ._common import Record, call, check_module, detached_deepcopy, fmt, record_solves, silence_convergence_warnings
@@ -26,7 +26,7 @@ class _Runner:
     model: nn.Module
     dtype: torch.dtype | None
     solver_tol: float
-    backward: Any = None
+    backward: BackwardMode | None = None
 
     def tighten(self, solver: Any) -> Any:
         if isinstance(solver, SolverConfig):

@@ -21,10 +21,11 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
-from ..backward import IFT, Phantom, Unroll
+from ..backward import BackwardMode
 from ..layer import ImplicitLayer
 from ..problem import Condition, FixedPoint, Input, Minimize, Node, Problem, Root, Variable
 from ..solvers import Anderson
+from ._basic import batch_sizes, dtypes, seeds
 
 __all__ = ["LinearMap", "ResidualOf", "QuadraticOf", "ProblemGraph", "problem_graphs"]
 
@@ -96,7 +97,7 @@ class ProblemGraph:
         """Every variable's exact value for the given inputs (default: the drawn ones), by a dense solve."""
         return self._oracle(*(tensors or self.tensors))
 
-    def layer(self, *, solver=None, backward: IFT | Phantom | Unroll | None = None) -> ImplicitLayer:
+    def layer(self, *, solver=None, backward: BackwardMode | None = None) -> ImplicitLayer:
         """An `ImplicitLayer` returning every variable (in `variables` order), with a tight default solver."""
         if solver is None:
             solver = Anderson(tol=1e-5 if self.tensors[0].dtype == torch.float32 else 1e-9, max_iter=300)
@@ -139,8 +140,6 @@ def problem_graphs(
 
 @st.composite
 def _problem_graphs(draw: Callable, max_blocks, max_block_size, max_dim, max_inputs, kinds, dtype, batch_size, contraction) -> ProblemGraph:
-    from .strategies import batch_sizes, dtypes, seeds
-
     dtype = draw(dtypes()) if dtype is None else dtype
     batch = draw(batch_sizes()) if batch_size is None else batch_size
     factor = draw(st.floats(*contraction))

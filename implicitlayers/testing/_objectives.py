@@ -10,11 +10,12 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
-from ..backward import IFT, Phantom, Unroll
+from ..backward import BackwardMode
 from ..layer import ImplicitLayer
 from ..problem import Input, Minimize, Problem, Variable
 from ..sets import ConstraintSet
 from ..solvers import Anderson
+from ._basic import batch_sizes, dtypes, seeds
 
 __all__ = ["QuadraticObjective", "LogSumExpObjective", "SoftplusObjective", "ConvexObjective", "convex_objectives"]
 
@@ -110,7 +111,7 @@ class ConvexObjective:
         constraint: ConstraintSet | None = None,
         *,
         solver=None,
-        backward: IFT | Phantom | Unroll | None = None,
+        backward: BackwardMode | None = None,
     ) -> ImplicitLayer:
         """An `ImplicitLayer` for `v = argmin_{v ∈ C} L(v, y)` with step size `1/L`, from zeros."""
         v, y = Variable("v"), Input("y")
@@ -149,8 +150,6 @@ def convex_objectives(
 
 @st.composite
 def _convex_objectives(draw: Callable, kind, dtype, batch_size, max_dim) -> ConvexObjective:
-    from .strategies import batch_sizes, dtypes, seeds
-
     kind = draw(st.sampled_from(KINDS)) if kind is None else kind
     dtype = draw(dtypes()) if dtype is None else dtype
     batch = draw(batch_sizes()) if batch_size is None else batch_size

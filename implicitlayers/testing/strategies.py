@@ -27,10 +27,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from .. import sets
-from ..backward import IFT, Phantom, Unroll
+from ..backward import BackwardMode
 from ..layer import ImplicitLayer
 from ..problem import FixedPoint, Input, Problem, Variable
 from ..solvers import Anderson
+from ._basic import DTYPES, batch_sizes, dtypes, seeds
 from ._graphs import ProblemGraph, problem_graphs
 from ._objectives import ConvexObjective, convex_objectives
 
@@ -49,24 +50,6 @@ __all__ = [
     "ProblemGraph",
     "problem_graphs",
 ]
-
-DTYPES = (torch.float32, torch.float64)
-
-
-def dtypes() -> st.SearchStrategy[torch.dtype]:
-    """`torch.float32` or `torch.float64`."""
-    return st.sampled_from(DTYPES)
-
-
-def batch_sizes(min_size: int = 1, max_size: int = 8) -> st.SearchStrategy[int]:
-    """Batch sizes in `[min_size, max_size]` (shrinking towards `min_size`)."""
-    return st.integers(min_size, max_size)
-
-
-def seeds() -> st.SearchStrategy[int]:
-    """Seeds for `torch.Generator`, from which the strategies draw weights and inputs."""
-    return st.integers(0, 2**31 - 1)
-
 
 def _spectral_normalised(a: torch.Tensor, target: float) -> torch.Tensor:
     return a * (target / torch.linalg.matrix_norm(a, 2).clamp_min(1e-12))
@@ -150,7 +133,7 @@ class ContractiveCell:
         """The exact fixed point for `x` (default: the drawn inputs); linear cells only."""
         return self.cell.solution(self.x if x is None else x)
 
-    def layer(self, *, solver=None, backward: IFT | Phantom | Unroll | None = None) -> ImplicitLayer:
+    def layer(self, *, solver=None, backward: BackwardMode | None = None) -> ImplicitLayer:
         """An `ImplicitLayer` solving `z = cell(z, x)` from zeros; the default solver converges tightly
         for this dtype (an iteration cap that suffices for the contraction factor)."""
         z, x = Variable("z"), Input("x")
