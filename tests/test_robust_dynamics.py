@@ -78,6 +78,19 @@ def test_a_run_continued_for_a_new_input_reaches_the_new_fixed_point(solver, mod
     run.close()
 
 
+def test_bad_anatomy_and_solvers_are_rejected_with_clear_errors():
+    model = classifier()
+    with pytest.raises(TypeError, match="il.DEQ"):
+        robust.DEQClassifier(nn.Identity(), model.head, model.head)
+    with pytest.raises(TypeError, match="callable"):
+        robust.DEQClassifier(3, model.deq, model.head)
+    scipy_deq = il.DEQ(Cell().double(), solver=il.ScipyRoot())
+    with pytest.raises(TypeError, match="init/step"):
+        robust.SolverRun(scipy_deq, torch.zeros(2, D, dtype=torch.float64))
+    with pytest.raises(ValueError, match="steps"):
+        model.states(batch()[0], -1)
+
+
 def test_the_lift_retakes_the_last_step_with_the_new_residual():
     # After the lift the solver's state is the one it would have if the last evaluation had seen the new
     # input: same iterate, residual R_new(z_k).
@@ -301,6 +314,8 @@ def test_autoattack_stays_in_the_ball_and_matches_pgd_on_a_deq():
     assert aa < 1.0 and abs(aa - ours) <= 0.25
     with pytest.raises(ValueError, match="subset"):
         robust.autoattack(model, x, y, eps=0.1, attacks=("cw",))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        robust.autoattack(model, x.flatten(1), y, eps=0.1)
 
 
 # ---------------------------------------------------------------- the example
