@@ -42,8 +42,8 @@ class DefenceTrace:
         x: the final input `(B, ...)`.
         logits: the prediction `head(z_T)`.
         inputs: the input after every signed-gradient step, the given input first.
-        entropy: mean entropy of `head(f(z_t, u(x')))` over the batch after every signed-gradient step
-            (aligned with `inputs`).
+        entropy: mean entropy of `head(f(z_t, u(x')))` over the batch, per input update: before each
+            signed-gradient step and after the last (`input_steps + 1` values per update).
         states: the solver's states `z_0, …, z_T`.
         residual: `‖z_T − f(z_T, u(x))‖` per sample, for the final input.
     """
