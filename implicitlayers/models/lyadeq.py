@@ -1,18 +1,17 @@
-"""`LyaDEQ`: a DEQ whose fixed point is made globally Lyapunov stable by a learned convex Lyapunov function.
+"""`LyaDEQ`: a DEQ made Lyapunov stable by a learned convex Lyapunov function, in four readings.
 
 A reconstruction of Chu, Wei, Liu, Zhao (and Miyatake), "Learning Robust Deep Equilibrium Models" /
 "Lyapunov-Stable Deep Equilibrium Models" (arXiv 2304.12707), whose full text was not available:
 the stable-dynamics projection of Kolter & Manek (2019) applied to the DEQ's continuous-time
-dynamics `ż = f(z, x) − z`, with the Lyapunov function centred at the DEQ's own fixed point, then
-an orthogonal linear layer. See `docs/concepts/lyadeq.md` for the derivation, and why the centre
-must be a fixed point of `f` (any other centre either collapses the inputs or leaves the projected
-field discontinuous at its only equilibrium). Both equilibria are solved by `ImplicitLayer`; this
-module holds no solver or backward code.
+dynamics `ż = f(z, x) − z`, then an orthogonal linear layer. Where `V` is centred decides what the
+layer computes; `centre=`, `budget=` and `pull=` select the reading (`docs/concepts/lyadeq.md` states
+each one's dynamics, equilibrium, well-posedness and gradients). Every state is solved by
+`ImplicitLayer`; this module holds no solver or backward code.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -20,103 +19,67 @@ from torch import nn
 from ..backward import IFT, Phantom, Unroll
 from ..layer import ImplicitLayer, Solution
 from ..nn import LyapunovFunction, OrthogonalLinear
+from ..nn.lyapunov import ConditionalLyapunovFunction
 from ..problem import FixedPoint, Input, Problem, Variable
 from ..solvers import Anderson, SolveInfo
+from ._lyapunov_dynamics import project_dynamics, pull_dynamics
+from .weight_tied import WeightTied
 
-__all__ = ["LyaDEQ", "project_dynamics"]
+__all__ = ["LyaDEQ", "project_dynamics", "pull_dynamics"]
 
 Cell = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def project_dynamics(
-    dynamics: torch.Tensor, value: torch.Tensor, grad: torch.Tensor, alpha: float
-) -> torch.Tensor:
-    """Kolter & Manek's projection `F̃ = F − ∇V · ReLU(∇Vᵀ F + α V) / ‖∇V‖²`, per sample.
-
-    Afterwards `∇Vᵀ F̃ = min(∇Vᵀ F, −α V) ≤ −α V`: along `ż = F̃(z)` the function `V` decays at
-    least as fast as `e^{−αt}`. Only the component of `F` along `∇V`, and only where it would make `V`
-    decay too slowly, is removed; elsewhere `F̃ = F`.
-
-    Args:
-        dynamics: `F(z)`, shape `(B, D)`.
-        value: `V(z)`, shape `(B,)`.
-        grad: `∇V(z)`, shape `(B, D)`.
-        alpha: the decay rate `α > 0`.
-
-    At the minimiser of `V` (`∇V = 0`, `V = 0`) the ratio is `0/0`; there the correction is defined
-    as 0, its limit whenever `F` vanishes there too (the only well-posed case, see the concepts page).
-    """
-    excess = torch.relu((grad * dynamics).sum(dim=1) + alpha * value)
-    norm2 = (grad * grad).sum(dim=1)
-    # `where` on both the numerator and the denominator keeps the untaken branch finite, so its
-    # gradient is 0 rather than NaN at ∇V = 0.
-    safe = norm2 > torch.finfo(norm2.dtype).tiny
-    scale = torch.where(safe, excess, torch.zeros_like(excess)) / torch.where(safe, norm2, torch.ones_like(norm2))
-    return dynamics - grad * scale.unsqueeze(1)
-
-
-class _ProjectedStep(nn.Module):
-    """The fixed-point map `z ↦ z + h · F̃(z; anchor, x)` of the projected dynamics (an explicit Euler step)."""
-
-    def __init__(self, cell: Cell, lyapunov: nn.Module, alpha: float, step: float) -> None:
-        super().__init__()
-        self.cell = cell
-        self.lyapunov = lyapunov
-        self.alpha = alpha
-        self.step = step
-
-    def dynamics(self, z: torch.Tensor, anchor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        nominal = self.cell(z, x) - z
-        # `value_and_grad` uses `torch.func`: ∇V is itself differentiable (the IFT of this block
-        # differentiates F̃, hence ∇V, so it needs V's second derivatives).
-        value, grad = self.lyapunov.value_and_grad(z, anchor)
-        return project_dynamics(nominal, value, grad, self.alpha)
-
-    def forward(self, z: torch.Tensor, anchor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return z + self.step * self.dynamics(z, anchor, x)
+Centre = Literal["fixed_point", "origin", "learned", "conditioned"]
+CENTRES = ("fixed_point", "origin", "learned", "conditioned")
 
 
 class LyaDEQ(nn.Module):
-    """A Lyapunov-stable deep equilibrium layer: `lyadeq(x) = Q z*` with `z*` a globally stable fixed point.
+    """A Lyapunov-stable deep equilibrium layer: `lyadeq(x) = Q z*`, `z*` a state of stable dynamics.
 
     Reconstructed from Chu et al. (arXiv 2304.12707; full text unavailable — see
-    `docs/concepts/lyadeq.md`). With `f = cell` and the learned convex Lyapunov function
-    `V(z; c) = σ(g(z) − g(c)) + ε‖z − c‖²` ([`LyapunovFunction`][implicitlayers.nn.LyapunovFunction],
-    `g` an input-convex network), the layer solves two equations in one `il.Problem`:
+    `docs/concepts/lyadeq.md`). With `f = cell`, `F(z) = f(z, x) − z` and a learned convex Lyapunov
+    function `V` (an input-convex network, minimal at its *centre*), the state follows either the
+    **projected** dynamics `ż = F̃(z) = F − ∇V ReLU(∇VᵀF + αV)/‖∇V‖²` (along which `dV/dt ≤ −αV`,
+    so the centre is the only equilibrium and is globally exponentially stable) or, with `pull=β`,
+    the **balanced** dynamics `ż = F(z) − β∇V(z)`. The readings:
 
-    1. the **anchor** `c*(x) = f(c*, x)` — the plain DEQ fixed point, so the centre of `V` depends on
-       the input and distinct inputs keep distinct equilibria (no collapse onto one point);
-    2. the **state** `z* = z* + h F̃(z*)`, the equilibrium of the projected dynamics
-       `ż = F̃(z) = F(z) − ∇V(z; c*) ReLU(∇V(z; c*)ᵀ F(z) + α V(z; c*)) / ‖∇V(z; c*)‖²` with
-       `F(z) = f(z, x) − z`, solved from `z_init`.
+    | `centre` | options | state `z*` | gradients |
+    |---|---|---|---|
+    | `"fixed_point"` (default) | — | the DEQ's fixed point `c* = f(c*, x)`, on which `V` is centred | IFT |
+    | `"origin"`, `"learned"` | `budget=K` | `K` Euler steps of `F̃` towards `0` / a learned point `c₀` | unrolled |
+    | `"origin"`, `"learned"` | `pull=β` | `f(z*, x) − z* = β∇V(z*)` | IFT |
+    | `"conditioned"` | none, `budget=K` or `pull=β` | `c(x)` (solver may stall), `K` steps, or balanced | IFT / unrolled / IFT |
 
-    Along `ż = F̃(z)`, `dV/dt ≤ −α V`, so `V(z(t)) ≤ e^{−αt} V(z(0))` from every start: `c*` is the
-    unique equilibrium of the projected dynamics and it is globally exponentially stable (in the sense
-    of `V`). Hence `z* = c*`: the projection certifies and enforces the stability of the DEQ's own fixed
-    point — the state returns to it after any perturbation of the initial state — without moving it.
+    With `"conditioned"`, `V(z; x)` is convex in `z` for every `x` (a partially input-convex network)
+    with minimum at a learned `c(x)` ([`ConditionalLyapunovFunction`][implicitlayers.nn.lyapunov.ConditionalLyapunovFunction]).
     Finally `Q` ([`OrthogonalLinear`][implicitlayers.nn.OrthogonalLinear], square) maps `z*` to the
     output features; put the classification head after it.
 
-    !!! warning "What the projection does not do"
-        Because `z* = c*`, the value of the layer, and hence its clean and adversarial predictions, are
-        those of the plain DEQ with the same cell (and the task loss gives `V` no gradient); see the
-        concepts page for the measurements. Centres other than a fixed point of `f` (the injection, a
-        learned map of `x`) make the projected field discontinuous at its only equilibrium, and the
-        solver does not converge there.
+    !!! warning "What the default does not do"
+        With `centre="fixed_point"`, `z* = c*`: the layer's value, hence its clean and adversarial
+        predictions, are those of the plain DEQ with the same cell, and the task loss gives `V` no
+        gradient. The other readings make the state depend on `V`; see the concepts page for what each
+        costs and for the measured robustness.
 
     Args:
-        cell: the DEQ map `(z, x) -> z'`, `z` of shape `(B, dim)`. An `nn.Module` is registered, so its
-            parameters appear in `parameters()`.
-        dim: the dimension of `z`.
-        lyapunov: the Lyapunov function, a module with `value_and_grad(z, z_ref) -> (V (B,), ∇V (B, dim))`
-            that is positive definite around `z_ref`; default `il.nn.LyapunovFunction(dim)`.
-        alpha: the guaranteed decay rate `α > 0` of `V`.
-        step: the Euler step `h > 0` of the fixed-point map `z ↦ z + h F̃(z)` (its fixed points do not
-            depend on `h`; smaller is more robust for plain iteration, larger converges in fewer steps).
+        cell: the DEQ map `(z, x) -> z'`, `z` of shape `(B, dim)`. An `nn.Module` is registered once, as
+            `cell`, so its parameters appear in `parameters()`.
+        dim: the dimension of `z` (the size of the cell's state).
+        lyapunov: `V`: a module with `value_and_grad(z, ref) -> (V (B,), ∇V (B, dim))`. Default
+            `il.nn.LyapunovFunction(dim)` (`ref` is the centre), or for `centre="conditioned"`
+            `ConditionalLyapunovFunction(dim, dim)` (`ref` is `x`, which then has shape `(B, dim)`;
+            pass your own for another width of `x`).
+        centre: where `V` is minimal: `"fixed_point"`, `"origin"`, `"learned"` or `"conditioned"`.
+        budget: with a centre other than `"fixed_point"`: the state is exactly `budget` Euler steps of
+            `F̃` from `z_init` (an `il.WeightTied` network of the step map), differentiated by
+            backpropagation through them.
+        pull: with a centre other than `"fixed_point"`: the weight `β > 0` of the balanced dynamics.
+        alpha: the guaranteed decay rate `α > 0` of `V` under the projected dynamics.
+        step: the Euler step `h > 0` of the fixed-point map `z ↦ z + h ż` (its fixed points do not depend
+            on `h`; with `budget`, `h` and `budget` set the integrated time `h · budget`).
         orthogonal: apply the orthogonal layer `Q` (`False` returns `z*` itself, for ablations).
-        solver: forward solver for both equations (default `il.Anderson(m=5, tol=1e-4, max_iter=50)`).
-        backward: `il.IFT()` (default), `il.Phantom(...)` or `il.Unroll()`.
-        z_init: start of both solves: `None` (zeros `(B, dim)`), a tensor (`(dim,)` or `(B, dim)`) or a
+        solver: forward solver (default `il.Anderson(m=5, tol=1e-4, max_iter=50)`); not with `budget`.
+        backward: `il.IFT()` (default), `il.Phantom(...)` or `il.Unroll()`; not with `budget`.
+        z_init: start of every solve: `None` (zeros `(B, dim)`), a tensor (`(dim,)` or `(B, dim)`) or a
             callable of `x` returning `(B, dim)`.
 
     Example:
@@ -133,8 +96,9 @@ class LyaDEQ(nn.Module):
                 return torch.tanh(0.5 * self.linear(z) + u)
 
         lyadeq = il.LyaDEQ(Cell(8), 8, alpha=0.1)
-        features = lyadeq(torch.randn(4, 8))     # (4, 8) = Q z*
-        z_star = lyadeq.equilibrium(torch.randn(4, 8))
+        features = lyadeq(torch.randn(4, 8))                    # (4, 8) = Q z*
+        pulled = il.LyaDEQ(Cell(8), 8, centre="learned", pull=0.5)
+        z_star = pulled.equilibrium(torch.randn(4, 8))          # depends on V and its centre
         ```
     """
 
@@ -144,6 +108,9 @@ class LyaDEQ(nn.Module):
         dim: int,
         *,
         lyapunov: nn.Module | None = None,
+        centre: Centre = "fixed_point",
+        budget: int | None = None,
+        pull: float | None = None,
         alpha: float = 0.1,
         step: float = 0.5,
         orthogonal: bool = True,
@@ -156,37 +123,47 @@ class LyaDEQ(nn.Module):
             raise TypeError(f"LyaDEQ: cell must be a callable (z, x) -> z' or an nn.Module, got {type(cell).__name__}.")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"LyaDEQ: dim must be a positive integer (the size of z), got {dim!r}.")
-        if not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise ValueError(f"LyaDEQ: alpha must be a positive number (the decay rate of V), got {alpha!r}.")
-        if not isinstance(step, (int, float)) or not step > 0:
-            raise ValueError(f"LyaDEQ: step must be a positive number (the Euler step h), got {step!r}.")
-        if lyapunov is None:
-            lyapunov = LyapunovFunction(dim)
-        elif not callable(getattr(lyapunov, "value_and_grad", None)):
-            raise TypeError(
-                "LyaDEQ: lyapunov must provide value_and_grad(z, z_ref) -> (V, ∇V), like il.nn.LyapunovFunction; "
-                f"got {type(lyapunov).__name__}."
-            )
-        elif getattr(lyapunov, "dim", dim) != dim:
-            raise ValueError(f"LyaDEQ: lyapunov acts on dimension {lyapunov.dim}, but dim={dim}.")
+        for name, value in (("alpha", alpha), ("step", step)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                meaning = "the decay rate of V" if name == "alpha" else "the Euler step h"
+                raise ValueError(f"LyaDEQ: {name} must be a positive number ({meaning}), got {value!r}.")
+        _check_reading(centre, budget, pull, solver, backward)
+        lyapunov = _check_lyapunov(lyapunov, dim, centre)
         if z_init is not None and not (isinstance(z_init, torch.Tensor) or callable(z_init)):
             raise TypeError(f"LyaDEQ: z_init must be None, a tensor or a callable of x, got {type(z_init).__name__}.")
         self.dim = dim
+        self.centre_kind = centre
+        self.budget = budget
+        self.pull = None if pull is None else float(pull)
         self.alpha = float(alpha)
         self.step = float(step)
+        # Registered here only: the layer below receives bound methods, not modules, so each parameter
+        # has one name (`functional_call` and `state_dict` see every tensor once).
         self.cell = cell
         self.lyapunov = lyapunov
-        self.projected_step = _ProjectedStep(cell, lyapunov, self.alpha, self.step)
+        self.learned_centre = nn.Parameter(torch.zeros(dim)) if centre == "learned" else None
         self.orthogonal = OrthogonalLinear(dim, dim) if orthogonal else None
         self.z_init = z_init
-        x, anchor, z = Input("x"), Variable("anchor"), Variable("z")
+        self._checked_shapes: set[tuple] = set()
+        if budget is not None:
+            # Exactly `budget` Euler steps, backpropagated through: a weight-tied network, not a solve
+            # (a solver would return its best iterate, which switches discontinuously with the input).
+            self.layer: ImplicitLayer | WeightTied = WeightTied(self._step, budget, z_init=self._start)
+            return
+        x, z = Input("x"), Variable("z")
+        if centre == "fixed_point":
+            anchor = Variable("anchor")
+            conditions = [FixedPoint(anchor, self._cell_map, (anchor, x)), FixedPoint(z, self._anchored_step, (z, anchor, x))]
+            init = {"anchor": self._start, "z": self._start}
+        else:
+            conditions, init = [FixedPoint(z, self._step, (z, x))], {"z": self._start}
         self.layer = ImplicitLayer(
-            Problem([FixedPoint(anchor, cell, (anchor, x)), FixedPoint(z, self.projected_step, (z, anchor, x))]),
+            Problem(conditions),
             inputs=[x],
             outputs=[z],
             solver=solver if solver is not None else Anderson(m=5, tol=1e-4, max_iter=50),
             backward=backward,
-            init={"anchor": self._start, "z": self._start},
+            init=init,
         )
 
     # ------------------------------------------------------------------------------ calling
@@ -196,44 +173,99 @@ class LyaDEQ(nn.Module):
         return z if self.orthogonal is None else self.orthogonal(z)
 
     def equilibrium(self, x: torch.Tensor) -> torch.Tensor:
-        """The stable equilibrium `z*` (before the orthogonal layer), differentiable by the backward mode."""
+        """The state `z*` (before the orthogonal layer), differentiable by the backward mode."""
         return self.solve(x).values["z"]
 
     def solve(self, x: torch.Tensor) -> Solution:
-        """Both solves: `.values["anchor"]` and `.values["z"]` (differentiable), `.info` per block."""
+        """The whole solve: `.values["z"]` (and `["anchor"]` for `centre="fixed_point"`), `.info` per block."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"LyaDEQ: x must be a torch.Tensor with a leading batch dimension, got {type(x).__name__}.")
         if x.dim() == 0 or x.shape[0] == 0:
             raise ValueError(f"LyaDEQ: x must have a non-empty leading batch dimension, got shape {tuple(x.shape)}.")
+        self._check_cell(x)
+        if isinstance(self.layer, WeightTied):
+            return Solution(values={"z": self.layer(x)}, info={}, duals={})
         # The layer computes normalised weights once per solve and keeps a detached last solution.
         return self.layer.solve(x)
 
     # ------------------------------------------------------------------------------ the dynamics
-    def projected_dynamics(self, z: torch.Tensor, anchor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """`F̃(z; anchor, x)`, the projected vector field whose equilibrium the layer returns, `(B, dim)`."""
-        return self.projected_step.dynamics(z, anchor, x)
+    def centre(self, x: torch.Tensor, anchor: torch.Tensor | None = None) -> torch.Tensor:
+        """The minimiser of `V` for the batch `x`, `(B, dim)`: `anchor` (the DEQ fixed point), `0`, `c₀` or `c(x)`."""
+        if self.centre_kind == "fixed_point":
+            return _need_anchor(anchor)
+        if self.centre_kind == "conditioned":
+            return self.lyapunov.centre(x)
+        z = x.new_zeros(x.shape[0], self.dim)
+        return z if self.learned_centre is None else z + self.learned_centre
 
-    def lyapunov_value(self, z: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        """`V(z; anchor)`, shape `(B,)`."""
-        return self.lyapunov.value_and_grad(z, anchor)[0]
+    def lyapunov_value_and_grad(
+        self, z: torch.Tensor, x: torch.Tensor, anchor: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(V(z), ∇V(z))` of this reading, shapes `(B,)` and `(B, dim)` (`anchor` only for `"fixed_point"`)."""
+        if self.centre_kind == "fixed_point":
+            return self.lyapunov.value_and_grad(z, _need_anchor(anchor))
+        if self.centre_kind == "conditioned":
+            return self.lyapunov.value_and_grad(z, x)
+        return self.lyapunov.value_and_grad(z, None if self.learned_centre is None else self.learned_centre)
+
+    def lyapunov_value(self, z: torch.Tensor, x: torch.Tensor, anchor: torch.Tensor | None = None) -> torch.Tensor:
+        """`V(z)` of this reading, shape `(B,)`."""
+        return self.lyapunov_value_and_grad(z, x, anchor)[0]
+
+    def dynamics(self, z: torch.Tensor, x: torch.Tensor, anchor: torch.Tensor | None = None) -> torch.Tensor:
+        """The vector field `ż` whose state the layer returns: `F̃(z)` (projected) or `F(z) − β∇V(z)` (with `pull`)."""
+        nominal = self.cell(z, x) - z
+        # `value_and_grad` uses `torch.func`: ∇V is itself differentiable (the IFT of the state block
+        # differentiates the field, hence ∇V, so it needs V's second derivatives).
+        value, grad = self.lyapunov_value_and_grad(z, x, anchor)
+        if self.pull is not None:
+            return pull_dynamics(nominal, grad, self.pull)
+        return project_dynamics(nominal, value, grad, self.alpha)
+
+    def stability_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters of `V`, of a learned centre and of `Q`: stage two of two-stage training.
+
+        Train the DEQ (the cell and its head) first, freeze the cell (`lyadeq.cell.requires_grad_(False)`),
+        then optimise these together with the head.
+        """
+        yield from self.lyapunov.parameters()
+        if self.learned_centre is not None:
+            yield self.learned_centre
+        if self.orthogonal is not None:
+            yield from self.orthogonal.parameters()
 
     # ------------------------------------------------------------------------------ diagnostics
     @property
     def last_solution(self) -> Solution | None:
-        """The `il.Solution` of the last call (detached values), or `None` before the first."""
-        return self.layer.last_solution
+        """The `il.Solution` of the last call (detached values); `None` before the first and with `budget`."""
+        return None if isinstance(self.layer, WeightTied) else self.layer.last_solution
 
     @property
     def last_info(self) -> dict[str, SolveInfo] | None:
-        """Forward `SolveInfo` of the last call by block: the anchor's solve, then the projected state's."""
-        solution = self.layer.last_solution
+        """Forward `SolveInfo` of the last call by block (the anchor's solve first, for `"fixed_point"`).
+
+        `None` before the first call, and with `budget` (no solve: a fixed number of steps).
+        """
+        solution = self.last_solution
         return None if solution is None else dict(solution.info)
 
     @property
     def nfe(self) -> int:
-        """Batched evaluations of the last forward call, both solves together (0 before the first call)."""
+        """Batched evaluations of the last forward call, all solves together (0 before the first call; `budget` with it)."""
+        if isinstance(self.layer, WeightTied):
+            return self.budget
         info = self.last_info
         return 0 if info is None else sum(i.nfe for i in info.values())
+
+    # ------------------------------------------------------------------------------ conditions
+    def _cell_map(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.cell(z, x)
+
+    def _anchored_step(self, z: torch.Tensor, anchor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return z + self.step * self.dynamics(z, x, anchor)
+
+    def _step(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return z + self.step * self.dynamics(z, x)
 
     def _start(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.z_init
@@ -248,5 +280,92 @@ class LyaDEQ(nn.Module):
             raise ValueError(f"LyaDEQ: z_init gave shape {tuple(start.shape)}; expected ({x.shape[0]}, {self.dim}) or ({self.dim},).")
         return start.to(device=x.device, dtype=x.dtype)
 
+    def _check_cell(self, x: torch.Tensor) -> None:
+        """Apply the cell once per input shape, so that a `dim` that does not fit it fails here, clearly."""
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        if key in self._checked_shapes:
+            return
+        z = self._start(x)
+        expected = f"z of shape (B, dim) = {tuple(z.shape)} and x of shape {tuple(x.shape)}"
+        try:
+            with torch.no_grad():
+                out = self.cell(z, x)
+        except RuntimeError as error:
+            raise ValueError(
+                f"LyaDEQ: the cell fails on {expected}: {error}. LyaDEQ(cell, dim) needs dim = the size of the "
+                f"cell's state z; pass the dim your cell expects (now dim={self.dim})."
+            ) from error
+        if not isinstance(out, torch.Tensor) or out.shape != z.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"LyaDEQ: the cell returned {got} for {expected}; it must return z' shaped like z, "
+                f"{tuple(z.shape)}. Pass dim = the size of the cell's state (now dim={self.dim})."
+            )
+        self._checked_shapes.add(key)
+
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, alpha={self.alpha}, step={self.step}, solver={self.layer.solver!r}"
+        reading = f"centre={self.centre_kind!r}"
+        if self.budget is not None:
+            reading += f", budget={self.budget}"
+        if self.pull is not None:
+            reading += f", pull={self.pull}"
+        return f"dim={self.dim}, {reading}, alpha={self.alpha}, step={self.step}, solver={self.layer.solver!r}"
+
+
+def _need_anchor(anchor: torch.Tensor | None) -> torch.Tensor:
+    if anchor is None:
+        raise ValueError(
+            "LyaDEQ: with centre='fixed_point', V is centred at the DEQ fixed point; pass anchor= "
+            "(e.g. lyadeq.solve(x).values['anchor'])."
+        )
+    return anchor
+
+
+def _check_reading(centre: object, budget: object, pull: object, solver: Any, backward: Any) -> None:
+    """Reject combinations of `centre`, `budget` and `pull` that do not define a usable state, saying why."""
+    if centre not in CENTRES:
+        raise ValueError(f"LyaDEQ: centre must be one of {CENTRES}, got {centre!r}.")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"LyaDEQ: budget must be None or a positive number of Euler steps, got {budget!r}.")
+    if pull is not None and (isinstance(pull, bool) or not isinstance(pull, (int, float)) or not pull > 0):
+        raise ValueError(f"LyaDEQ: pull must be None or a positive weight beta, got {pull!r}.")
+    if budget is not None and pull is not None:
+        raise ValueError("LyaDEQ: pass budget= (stop the projected dynamics after K steps) or pull= (balanced dynamics), not both.")
+    if centre == "fixed_point" and (budget is not None or pull is not None):
+        raise ValueError(
+            "LyaDEQ: centre='fixed_point' solves the projected dynamics to their equilibrium, the DEQ fixed point; "
+            "budget= and pull= apply to centre='origin', 'learned' or 'conditioned'."
+        )
+    if centre in ("origin", "learned") and budget is None and pull is None:
+        raise ValueError(
+            f"LyaDEQ: with centre={centre!r} and neither budget= nor pull=, every input would converge to the same "
+            "point (the centre of V is the projected dynamics' only equilibrium). Pass budget=K (stop after K Euler "
+            "steps) or pull=beta (balanced dynamics), or use centre='fixed_point' or 'conditioned'."
+        )
+    if budget is not None and (solver is not None or backward is not None):
+        raise ValueError(
+            "LyaDEQ: budget=K fixes the computation (K explicit Euler steps, backpropagated through); "
+            "do not pass solver= or backward= with it."
+        )
+
+
+def _check_lyapunov(lyapunov: nn.Module | None, dim: int, centre: str) -> nn.Module:
+    conditioned = centre == "conditioned"
+    if lyapunov is None:
+        return ConditionalLyapunovFunction(dim, dim) if conditioned else LyapunovFunction(dim)
+    if not callable(getattr(lyapunov, "value_and_grad", None)):
+        raise TypeError(
+            "LyaDEQ: lyapunov must provide value_and_grad(z, ref) -> (V, ∇V), like il.nn.LyapunovFunction; "
+            f"got {type(lyapunov).__name__}."
+        )
+    if getattr(lyapunov, "dim", dim) != dim:
+        raise ValueError(f"LyaDEQ: lyapunov acts on dimension {lyapunov.dim}, but dim={dim}.")
+    has_centre = callable(getattr(lyapunov, "centre", None))
+    if conditioned and not has_centre:
+        raise TypeError(
+            "LyaDEQ: centre='conditioned' needs a Lyapunov function of (z, x) with a centre(x) method, like "
+            f"ConditionalLyapunovFunction; got {type(lyapunov).__name__}."
+        )
+    if has_centre and not conditioned:
+        raise TypeError(f"LyaDEQ: a Lyapunov function conditioned on x ({type(lyapunov).__name__}) needs centre='conditioned'.")
+    return lyapunov
