@@ -7,13 +7,13 @@ The models are those of `examples/weight_tied_vs_deq.py` (imported from it): inj
 `tanh(W z + u)`, head, one initialisation, so every model has the same parameters. Two tables:
 
 1. **Masked kernel.** One masked application `z ↦ z (W ⊙ M)ᵀ`, forward and backward (gradients for
-   `W` and `z`), timed as the median of `--repeats` round-robin runs: `dense` forms `W ⊙ M` and calls
+   `W` and `z`), timed as the fastest of `--repeats` round-robin runs (see `round_robin`): `dense` forms `W ⊙ M` and calls
    `F.linear` (what `WeightTied` does); `coo` / `csr` gather the kept entries of `W` into a
    `torch.sparse` matrix with the mask's fixed indices and multiply with it. Ratios are against
    `dense` in the same run. Densities 0.05 (to show where sparse formats could start to pay) and
    the supported 0.25 / 0.5 / 0.75.
 2. **Training step** (injection, body, head, cross-entropy, backward; `zero_grad` excluded), at the
-   initial parameters, on the first `--batch` digits: median time (round-robin) and its ratio to the
+   initial parameters, on the first `--batch` digits: fastest time (round-robin) and its ratio to the
    DEQ with IFT; forward NFE (the DEQ's batch NFE, L for weight-tied models); the peak memory of the
    step (CUDA: `max_memory_allocated`; CPU: the peak of the PyTorch profiler's allocation events, as
    in `benchmarks/backward.py`) and the bytes autograd saves for the backward pass (as in
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import pathlib
-import statistics
 import sys
 import time
 import warnings
@@ -64,7 +63,12 @@ def _sync(device: torch.device) -> None:
 
 
 def round_robin(steps: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each step, measured in turns so that load drifts on a shared machine hit all alike."""
+    """Fastest of `repeats` timings of each step, measured in turns so that load drifts hit all alike.
+
+    The minimum, not the median: on a shared, oversubscribed CPU most runs of a step are stretched by
+    waiting for a core, by amounts unrelated to the step, and the least disturbed run is the best
+    estimate of its cost.
+    """
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(repeats + 2):
         for name, step in steps.items():
@@ -74,7 +78,7 @@ def round_robin(steps: dict[str, Callable[[], object]], repeats: int, device: to
             _sync(device)
             if i >= 2:  # warm-up
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: min(t) for name, t in times.items()}
 
 
 def masked_kernels(weight: torch.Tensor, mask: torch.Tensor, z: torch.Tensor) -> dict[str, Callable[[], object]]:
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _print(kernels: dict, steps: dict, args: argparse.Namespace, device: torch.device) -> None:
     print(f"masked application z (W ⊙ M)ᵀ, forward + backward, batch {args.batch}, {device}, {args.threads} thread(s); "
-          "median µs (ratio to dense)")
+          "fastest µs (ratio to dense)")
     print(f"{'hidden':>6s} {'density':>7s} {'dense':>10s} {'coo':>18s} {'csr':>18s}")
     for hidden, table in kernels.items():
         for density, t in table.items():
