@@ -19,6 +19,12 @@ mean solver iterations per test sample; L for weight-tied models) and the DEQ's 
 (fraction of test samples whose forward solve missed the tolerance after training). `--sweep` also
 trains weight-tied models over depth × width × density for the guideline table. Plots and a JSON of
 all numbers go to `--out`. `--fast` runs a tiny version (subset, two epochs, one seed) for the tests.
+
+Measured with the defaults and `--sweep` (one thread, shared 2-core CPU, about 16 minutes; the full
+tables are in `docs/tutorials/weight_tied.md`), test accuracy over seeds 0 / 1 / 2: DEQ (IFT)
+96.9 ± 0.7 %, DEQ (phantom) 96.6 ± 0.3 %, WT L=4 / 8 / 16 97.3 ± 0.3 / 97.0 ± 0.1 / 96.9 ± 0.2 %,
+WT L=8 with masks of density 0.25 / 0.5 / 0.75 97.0 ± 0.1 / 97.6 ± 0.4 / 97.5 ± 0.1 %; a WT epoch
+took 0.18–0.51 s against 3.1–3.3 s for the DEQs.
 """
 
 from __future__ import annotations

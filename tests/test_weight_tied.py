@@ -136,6 +136,7 @@ def test_all_ones_masks_equal_plain_unrolling():
     cell, x = TanhCell(12), torch.randn(4, 12)
     plain = WeightTied(cell, 7)(x)
     ones = WeightTied(cell, 7, masks=[torch.ones(12, 12)] * 7)(x)
+    assert torch.equal(WeightTied(cell, 7, masks=torch.ones(7, 12, 12))(x), ones)  # a stacked tensor is the list of its slices
     dense_random = WeightTied(cell, 7, masks="random", density=1.0)(x)
     manual = x.new_zeros(x.shape)
     for _ in range(7):
@@ -268,6 +269,8 @@ def test_a_contractive_weight_tied_model_tends_to_the_deq_with_depth():
         (dict(masks="random", density=1.5), ValueError, r"density must be a number in \(0, 1\]"),
         (dict(masks="random", seed=1.5), TypeError, "seed must be an integer"),
         (dict(masks=[torch.ones(4, 4)] * 2), ValueError, "list of depth=3 masks"),
+        (dict(masks=torch.ones(2, 4, 4)), ValueError, "list of depth=3 masks"),
+        (dict(masks=3), ValueError, "list of depth=3 masks.*got int"),
         (dict(masks=[torch.ones(4, 5)] * 3), ValueError, r"has shape \(4, 5\), the weight \(4, 4\)"),
         (dict(masks=[2 * torch.ones(4, 4)] * 3), ValueError, "only 0 and 1"),
         (dict(masks=[{"other": torch.ones(4, 4)}] * 3), ValueError, r"a mask for each of \['linear'\]"),

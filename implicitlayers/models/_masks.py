@@ -87,10 +87,13 @@ def user_masks(
 
     `given[l]` is a tensor (when the cell has exactly one maskable weight) or a mapping from each
     weight's module name to its mask; entries must be 0/1 (or boolean) and shaped like the weight.
+    A tensor `given` of shape `(depth, *weight.shape)` counts as the list of its slices.
     """
-    if isinstance(given, (torch.Tensor, str)) or len(given) != depth:
-        count = "a tensor" if isinstance(given, torch.Tensor) else f"{len(given)} entries"
-        raise ValueError(f"WeightTied: masks must be a list of depth={depth} masks (one per application), got {count}.")
+    if isinstance(given, torch.Tensor) and given.dim() > 0:
+        given = list(given.unbind(0))
+    if not isinstance(given, Sequence) or isinstance(given, str) or len(given) != depth:
+        got = f"{len(given)} entries" if isinstance(given, Sequence) else type(given).__name__
+        raise ValueError(f"WeightTied: masks must be a list of depth={depth} masks (one per application), got {got}.")
     names = list(shapes)
     per_step: list[Mapping[str, torch.Tensor]] = []
     for step, entry in enumerate(given):

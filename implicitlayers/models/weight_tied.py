@@ -47,9 +47,9 @@ class WeightTied(nn.Module):
             it must be an `nn.Module` with at least one `nn.Linear` / `nn.Conv*d`.
         depth: the number of applications (≥ 1).
         masks: `None` (no masks), `"random"` (drawn as above) or a list of `depth` masks, entry `l`
-            being a 0/1 tensor shaped like the weight (when the cell has one maskable weight) or a
-            dict from each maskable module's name (as in `cell.named_modules()`, `""` for the cell
-            itself) to its mask.
+            being a 0/1 tensor shaped like the weight (when the cell has one maskable weight; a
+            stacked `(depth, *weight.shape)` tensor works too) or a dict from each maskable module's
+            name (as in `cell.named_modules()`, `""` for the cell itself) to its mask.
         density: the fraction of ones of each random mask, in (0, 1]; only with `masks="random"`
             (default 0.5).
         seed: the seed of the random masks; only with `masks="random"` (default 0).
@@ -82,7 +82,7 @@ class WeightTied(nn.Module):
         cell: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         depth: int,
         *,
-        masks: str | Masks | None = None,
+        masks: str | Masks | torch.Tensor | None = None,
         density: float | None = None,
         seed: int | None = None,
         z_init: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
