@@ -118,7 +118,7 @@ def kernel_table(hidden: int, batch: int, densities: list[float], repeats: int, 
         mask = (torch.rand(hidden, hidden, generator=generator) < density).to(device)
         steps = masked_kernels(weight, mask, z)
         reference = steps["dense"]()
-        for name, step in steps.items():  # the three compute the same product
+        for step in steps.values():  # the three compute the same product
             torch.testing.assert_close(step(), reference, rtol=1e-4, atol=1e-4)
         table[density] = round_robin(steps, repeats, device)
     return table
@@ -179,8 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _print(kernels: dict, steps: dict, args: argparse.Namespace, device: torch.device) -> None:
-    print(f"masked application z (W ⊙ M)ᵀ, forward + backward, batch {args.batch}, {device}, {args.threads} thread(s); "
-          "fastest µs (ratio to dense)")
+    print(f"masked application z (W ⊙ M)ᵀ, forward + backward, batch {args.batch}, {device}, {args.threads} thread(s); fastest µs (ratio to dense)")
     print(f"{'hidden':>6s} {'density':>7s} {'dense':>10s} {'coo':>18s} {'csr':>18s}")
     for hidden, table in kernels.items():
         for density, t in table.items():
@@ -191,8 +190,7 @@ def _print(kernels: dict, steps: dict, args: argparse.Namespace, device: torch.d
     print(f"\ntraining step at initialisation, hidden {args.hidden}, batch {args.batch}, equal parameters")
     print(f"{'model':16s} {'ms / step':>10s} {'÷ DEQ (IFT)':>12s} {'forward NFE':>12s} {'peak (MiB)':>11s} {'saved (MiB)':>12s}")
     for label, r in steps.items():
-        print(f"{label:16s} {1e3 * r['seconds']:10.2f} {r['seconds'] / base['seconds']:11.2f}× {r['nfe']:12d} "
-              f"{r['peak'] / mib:11.2f} {r['saved'] / mib:12.2f}")
+        print(f"{label:16s} {1e3 * r['seconds']:10.2f} {r['seconds'] / base['seconds']:11.2f}× {r['nfe']:12d} {r['peak'] / mib:11.2f} {r['saved'] / mib:12.2f}")
 
 
 if __name__ == "__main__":

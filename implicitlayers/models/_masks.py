@@ -80,9 +80,7 @@ def random_masks(shapes: Mapping[str, torch.Size], depth: int, density: float, s
     return masks
 
 
-def user_masks(
-    given: Sequence[torch.Tensor | Mapping[str, torch.Tensor]], shapes: Mapping[str, torch.Size], depth: int
-) -> dict[str, torch.Tensor]:
+def user_masks(given: Sequence[torch.Tensor | Mapping[str, torch.Tensor]], shapes: Mapping[str, torch.Size], depth: int) -> dict[str, torch.Tensor]:
     """Stack a user's per-application masks into boolean `(depth, *shape)` tensors per weight.
 
     `given[l]` is a tensor (when the cell has exactly one maskable weight) or a mapping from each
@@ -100,8 +98,7 @@ def user_masks(
         if isinstance(entry, torch.Tensor):
             if len(names) != 1:
                 raise ValueError(
-                    f"WeightTied: masks[{step}] is a tensor but the cell has {len(names)} maskable weights "
-                    f"{names}; give a dict from module name to mask."
+                    f"WeightTied: masks[{step}] is a tensor but the cell has {len(names)} maskable weights {names}; give a dict from module name to mask."
                 )
             entry = {names[0]: entry}
         if not isinstance(entry, Mapping) or set(entry) != set(names):
