@@ -35,6 +35,17 @@ class TanhCell(nn.Module):
         return torch.tanh(self.linear(z) + x)
 
 
+class LinearCell(nn.Module):
+    """`f(z, x) = linear(z) + x` around a given linear layer."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(z) + x
+
+
 class TwoLayerCell(nn.Module):
     """`f(z, x) = tanh(W₂ relu(W₁ z + x))`: two maskable weights."""
 
@@ -82,22 +93,13 @@ def unrolled(cell: TanhCell, masks: list[torch.Tensor], x: torch.Tensor) -> torc
 )
 def test_random_masks_have_the_requested_density_and_differ_across_applications(rows, cols, depth, density, seed):
     cell = nn.Linear(cols, rows)
-    wt = WeightTied(_LinearCell(cell), depth, masks="random", density=density, seed=seed)
+    wt = WeightTied(LinearCell(cell), depth, masks="random", density=density, seed=seed)
     stack = torch.stack([wt.mask(step)["linear"] for step in range(depth)])
     assert stack.dtype == torch.bool and stack.shape == (depth, rows, cols)
     ones = max(1, round(density * rows * cols))
     assert (stack.flatten(1).sum(1) == ones).all()
     if math.comb(rows * cols, ones) >= depth:
         assert len({bytes(m.flatten().numpy()) for m in stack}) == depth
-
-
-class _LinearCell(nn.Module):
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.linear = linear
-
-    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(z) + x
 
 
 def test_random_masks_are_reproducible_from_the_seed_and_change_with_it():
@@ -232,7 +234,7 @@ def test_spectral_norm_is_applied_before_the_mask_and_reaches_the_raw_weight():
 
 def test_weight_norm_with_masks_trains_g_and_v():
     cell = il.nn.weight_norm(TanhCell(8).linear)
-    wt = WeightTied(_LinearCell(cell), 4, masks="random", density=0.75)
+    wt = WeightTied(LinearCell(cell), 4, masks="random", density=0.75)
     wt(torch.randn(3, 8)).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (cell.parametrizations.weight.original0, cell.parametrizations.weight.original1))
 
@@ -293,7 +295,7 @@ def test_cells_that_cannot_be_masked_are_clear_errors():
             return super().forward(input) * 2
 
     with pytest.raises(TypeError, match="overrides Linear.forward"):
-        WeightTied(_LinearCell(Custom(3, 3)), 2, masks="random")
+        WeightTied(LinearCell(Custom(3, 3)), 2, masks="random")
     with pytest.raises(ValueError, match="has 2 maskable weights"):
         WeightTied(TwoLayerCell(3), 2, masks=[torch.ones(3, 3)] * 2)
     with pytest.raises(ValueError, match="depth must be an integer >= 1"):
