@@ -39,6 +39,8 @@ import torch
 from .solvers import Anderson, SolveInfo, SolverConfig, apply_failure_policy
 from .solvers._base import IterativeSolver
 from .solvers._info import Status
+from .nn._cache import inside_functorch_transform
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 if TYPE_CHECKING:
     from .system import BlockSystem
@@ -82,17 +84,33 @@ class BlockSolve:
         return self.system.residual(w, env, create_graph=graph, equations_only=equations_only)
 
     def forward_solve(self) -> tuple[torch.Tensor, SolveInfo]:
-        """Solve the block without recording a graph; the constrained variables are projected onto their sets."""
+        """Solve the block without recording a graph; the constrained variables are projected onto their sets.
+
+        Under `torch.func.vmap` the solve is one opaque operation whose vmapped dimension is folded into
+        the batch dimension (samples are independent, so a vmapped solve is a bigger batch).
+        """
+        if _transforms() & {"vmap"}:
+            names = list(self.detached)
+            infos: list[SolveInfo] = []
+
+            def solve(w0: torch.Tensor, *outer: torch.Tensor) -> torch.Tensor:
+                w, info = self._solve_plain(w0, dict(zip(names, outer)))
+                infos.append(info)
+                return w
+
+            w_star = _FoldedCall.apply(solve, self.w0.detach(), *self.detached.values())
+            return w_star, infos[-1]
+        return self._solve_plain(self.w0.detach(), self.detached)
+
+    def _solve_plain(self, w0: torch.Tensor, env: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, SolveInfo]:
         with torch.no_grad():
-            w_star, info = self.solver.solve(
-                lambda w: self.system.residual(w, self.detached), self.w0.detach(), precond=self.precond, name=self.name
-            )
+            w_star, info = self.solver.solve(lambda w: self.system.residual(w, env), w0, precond=self.precond, name=self.name)
             w_star = self.system.project_constrained(w_star)
             if self.system.objectives:
-                info = self._flag_rounding_stalls(w_star, info)
+                info = self._flag_rounding_stalls(w_star, info, env)
             return w_star, info
 
-    def _flag_rounding_stalls(self, w: torch.Tensor, info: SolveInfo) -> SolveInfo:
+    def _flag_rounding_stalls(self, w: torch.Tensor, info: SolveInfo, env: Mapping[str, torch.Tensor]) -> SolveInfo:
         """Samples reported converged whose map cannot move although a residual entry exceeds `tol`.
 
         Far out along an unbounded direction (`|v| ≫ |α∇| / eps`) an objective's step `α∇` is below the
@@ -103,7 +121,7 @@ class BlockSolve:
         tol = getattr(self.solver, "tol", None)
         if tol is None or not bool(info.converged.any()):
             return info
-        r = self.system.residual(w, self.detached)
+        r = self.system.residual(w, env)
         step = r if self.precond is None else r * self.precond
         stuck = ((w - step) == w) & (r.abs() > tol)
         stalled = stuck.any(1) & info.converged
@@ -134,6 +152,24 @@ class BlockSolve:
         always carries a graph through the objective's internal VJP, so it cannot tell); for a block of
         equations only, `None` means "look at whether `R(w*)` requires grad", which costs nothing extra.
         """
+        transforms = _transforms()
+        if "vmap" in transforms:
+            if transforms & {"grad", "jvp"}:
+                raise NotImplementedError(
+                    f"{self.name}: torch.func.vmap combined with grad/vjp/jvp (jacrev, jacfwd, hessian, per-sample "
+                    "gradients) is not supported over an implicit layer yet. Its batch dimension is already per "
+                    "sample: call the layer on the whole batch and use torch.autograd (or torch.func.grad / jvp "
+                    "without vmap)."
+                )
+            if torch.is_grad_enabled() and self.system.reads_grad(w_star, self.outer):
+                raise NotImplementedError(
+                    f"{self.name}: gradients through torch.func.vmap over an implicit layer are not supported yet "
+                    "(vmapped solves run forward only). Call the layer on the whole batch instead: samples are "
+                    "independent, so its batch dimension is already per sample; or run vmap under torch.no_grad()."
+                )
+            return False
+        if transforms or torch.autograd.forward_ad._current_level >= 0:
+            return True  # forward mode or a torch.func transform: requires_grad does not tell
         if not torch.is_grad_enabled():
             return False
         if any(t.requires_grad for t in self.outer.values()):
@@ -141,6 +177,51 @@ class BlockSolve:
         if not self.system.objectives:
             return None
         return self.system.reads_grad(w_star, self.outer)
+
+
+def _tangents_may_flow() -> bool:
+    """Whether derivatives may flow without `requires_grad` showing it: forward-mode AD is active
+    (`torch.autograd.forward_ad.dual_level`) or a `torch.func` differentiation transform is running."""
+    return torch.autograd.forward_ad._current_level >= 0 or bool(_transforms() & {"grad", "jvp"})
+
+
+def _transforms() -> set[str]:
+    """The `torch.func` transforms currently running (`"vmap"`, `"grad"`, `"jvp"`, ...)."""
+    if not inside_functorch_transform():
+        return set()
+    return {i.key().name.lower() for i in retrieve_all_functorch_interpreters()}
+
+
+class _FoldedCall(torch.autograd.Function):
+    """`fn(*tensors)`, with every tensor batched along dim 0, as one opaque non-differentiable operation
+    whose `vmap` rule folds the vmapped dimension into that batch dimension.
+
+    Samples of a block never interact, so a solve vmapped over `V` copies is one solve of `V·B` samples;
+    the solver loop (data-dependent stopping) then never sees a batched tensor.
+    """
+
+    @staticmethod
+    def forward(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+        return fn(*tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.mark_non_differentiable(output)
+        ctx.n_inputs = len(inputs)
+
+    @staticmethod
+    def backward(ctx, *grads):  # pragma: no cover - the output is non-differentiable
+        return (None,) * ctx.n_inputs
+
+    @staticmethod
+    def vmap(info, in_dims, fn, *tensors):
+        size = info.batch_size
+        folded = []
+        for t, dim in zip(tensors, in_dims[1:]):
+            t = t.expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
+            folded.append(t.reshape(size * t.shape[1], *t.shape[2:]))
+        out = _FoldedCall.apply(fn, *folded)
+        return out.reshape(size, -1, *out.shape[1:]), 0
 
 
 class BackwardMode(abc.ABC):
@@ -257,7 +338,7 @@ class Phantom(BackwardMode):
         w = w_star
         for _ in range(self.k):
             r = block.residual(w)
-            if not r.requires_grad:  # nothing upstream requires grad (known only now for equation blocks)
+            if not r.requires_grad and not _tangents_may_flow():  # nothing upstream requires grad
                 return w_star
             w = w - self.damping * (r if block.precond is None else r * block.precond)
         return w
@@ -315,6 +396,8 @@ class _ImplicitCorrection(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         ctx.adjoint = inputs[1]
+        if inside_functorch_transform():
+            ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -323,6 +406,12 @@ class _ImplicitCorrection(torch.autograd.Function):
             lam = adjoint.solve(grad)
         if not torch.is_grad_enabled():
             return -lam, None
+        if not adjoint.second_order and inside_functorch_transform():
+            # torch.func.grad always differentiates with create_graph: first order is right as it is;
+            # only a further derivative (e.g. torch.func.hessian) must refuse.
+            # Tied to y (which depends on θ), so that any further derivative passes through the guard.
+            (y,) = ctx.saved_tensors
+            return _FirstOrderOnly.apply(-lam, grad, y, adjoint.name), None
         if not adjoint.second_order:
             raise NotImplementedError(
                 f"{adjoint.name}: double backward (create_graph=True) through the IFT needs "
@@ -331,6 +420,31 @@ class _ImplicitCorrection(torch.autograd.Function):
         # A is held fixed here; its dependence on θ and w* enters through the second-order term of y
         # (see `attach_ift`). The dependence on g is linear: λ = λ* + (A⁻ᵀ-Jacobian)(g − g*).
         return -(lam + _InverseCorrection.apply(-grad, adjoint)), None
+
+
+    @staticmethod
+    def jvp(ctx, y_tangent: torch.Tensor, _adjoint_tangent: None) -> torch.Tensor:
+        # Forward mode (torch.func.jvp, torch.autograd.forward_ad): ẇ = −A⁻¹ ẏ, one tangent solve.
+        return -ctx.adjoint.solve(y_tangent, transpose=False)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """The value of `lam`; differentiating it again raises (the IFT was not prepared for second order)."""
+
+    @staticmethod
+    def forward(lam: torch.Tensor, grad: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
+        return lam.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.name = inputs[3]
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise NotImplementedError(
+            f"{ctx.name}: second derivatives through the IFT (torch.func.hessian, grad of grad) need "
+            "backward=il.IFT(second_order=True)."
+        )
 
 
 class _InverseCorrection(torch.autograd.Function):
@@ -382,7 +496,17 @@ class AdjointProblem:
         return _ConstantProduct.apply(v, self, False)
 
     def _operator(self, transpose: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The matvec `v ↦ Aᵀ v` (VJP) or `v ↦ A v` (JVP by the double-VJP trick), at the solution."""
+        """The matvec `v ↦ Aᵀ v` (VJP) or `v ↦ A v` (JVP by the double-VJP trick), at the solution.
+
+        Inside a `torch.func` transform, where `requires_grad_` is not allowed, the same products come
+        from `torch.func.vjp` / `torch.func.jvp` (the user's functions then need forward-mode support).
+        """
+        if inside_functorch_transform():
+            w_star = self.w_star.detach()
+            if transpose:
+                _, vjp_fn = torch.func.vjp(self.residual, w_star)
+                return lambda v: vjp_fn(v)[0]
+            return lambda v: torch.func.jvp(self.residual, (w_star,), (v,))[1]
         with torch.enable_grad():
             w = self.w_star.detach().requires_grad_()
             r = self.residual(w)
@@ -407,6 +531,12 @@ class AdjointProblem:
 
     def solve(self, rhs: torch.Tensor, transpose: bool = True) -> torch.Tensor:
         """`A⁻ᵀ rhs` (default) or `A⁻¹ rhs`, matrix-free; failed samples are zeroed and reported."""
+        if "vmap" in _transforms():
+            raise NotImplementedError(
+                f"{self.name}: the IFT's linear solve under torch.func.vmap (jacrev, jacfwd, hessian, per-sample "
+                "gradients) is not supported yet. The layer's batch dimension is already per sample: use "
+                "torch.autograd (or torch.func.grad / vjp / jvp without vmap)."
+            )
         matvec = self._operator(transpose)
         kind = "IFT backward" if transpose else "IFT double backward"
         name = f"{kind} of {self.name}"
@@ -461,7 +591,7 @@ def attach_ift(
     """
     w_star = w_star.detach()
     y = residual_theta(w_star)
-    if not y.requires_grad:  # nothing the block reads requires grad: no gradient to attach
+    if not y.requires_grad and not _tangents_may_flow():  # nothing the block reads requires grad
         return None
     if adjoint.second_order:
         shift = _ImplicitCorrection.apply(y, adjoint)

@@ -168,7 +168,7 @@ class BlockSystem:
         (an outer tensor or a parameter the user's function captures). One plain evaluation of each function."""
         with torch.enable_grad():
             scope = {**env, **{n: v.detach() for n, v in self.unpack(w.detach()).items()}}
-            return any(self._call(c, scope).requires_grad for c in self.conditions)
+            return any(_requires_grad(self._call(c, scope)) for c in self.conditions)
 
     # ----------------------------------------------------------------------------- residual
     def residual(
@@ -189,6 +189,13 @@ class BlockSystem:
             equations_only: skip the objectives (first-order IFT treats optimised variables as constants).
         """
         needs_vjp = not equations_only and bool(self.objectives)
+        if needs_vjp and torch._C._functorch.peek_interpreter_stack() is not None:
+            raise NotImplementedError(
+                f"{self.name}: torch.func transforms over a block with Minimize/Maximize (e.g. il.JIIO, il.IMAML) are "
+                "not supported yet: its residual differentiates the objective with torch.autograd. Use torch.autograd "
+                "(loss.backward(), torch.autograd.grad) for this layer; torch.func works over blocks of equations "
+                "(il.DEQ, FixedPoint/Root problems)."
+            )
         with torch.enable_grad() if (needs_vjp or create_graph) else _nullcontext():
             values = self.unpack(w)
             if needs_vjp and not w.requires_grad:
@@ -295,6 +302,13 @@ class BlockSystem:
             else:
                 out[v_name] = gradient
         return out
+
+
+def _requires_grad(t: torch.Tensor) -> bool:
+    """`t.requires_grad`, looking through `torch.func.vmap`'s batched wrappers (which do not show it)."""
+    while torch._C._functorch.is_batchedtensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t.requires_grad
 
 
 def _shape_of(t: object) -> str:

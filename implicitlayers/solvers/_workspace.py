@@ -38,6 +38,8 @@ def take(build: Callable[..., T], like: torch.Tensor, *args: Hashable) -> T:
     Its contents are whatever the last solve left there. Objects built under `torch.inference_mode`
     serve only solves under it: outside it, their tensors cannot be written in place.
     """
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return build(like, *args)  # inside a torch.func transform: buffers must be made (and die) inside it
     key = (build, tuple(like.shape), like.dtype, like.device, torch.is_inference_mode_enabled(), args)
     with _lock:
         bucket = _kept.get(key)
@@ -56,8 +58,8 @@ def give_back(*objects: Any) -> None:
     """Keep `objects` (from `take`) for a later solve, within the limits. The caller must not use them again."""
     with _lock:
         for kept in objects:
-            if kept.nbytes > _state["limit"]:
-                continue
+            if kept.nbytes > _state["limit"] or not hasattr(kept, "_workspace_key"):
+                continue  # too large to keep, or made inside a torch.func transform (never kept)
             _kept.setdefault(kept._workspace_key, []).append(kept)
             _kept.move_to_end(kept._workspace_key)
             _state["bytes"] += kept.nbytes

@@ -1,0 +1,124 @@
+"""`torch.func` and forward-mode AD over implicit layers: what works is checked against torch.autograd in
+float64; what does not work yet raises an error that names the transform (never a silent zero)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import implicitlayers as il
+
+
+def _deq(second_order: bool = False) -> tuple[il.DEQ, torch.nn.Linear]:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 3).double()
+    with torch.no_grad():
+        lin.weight.mul_(0.5)
+    deq = il.DEQ(lambda z, x: torch.tanh(lin(z) + x), solver=il.Anderson(tol=1e-12, max_iter=200),
+                 backward=il.IFT(solver=il.Anderson(tol=1e-12, max_iter=200), second_order=second_order))
+    return deq, lin
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+def _autograd_jacobian_product(deq, x, v):
+    """J v by reverse mode, row by row (the reference for forward mode)."""
+    x = x.clone().requires_grad_()
+    z = deq(x)
+    out = torch.zeros_like(z)
+    for i in range(z.shape[0]):
+        for j in range(z.shape[1]):
+            (g,) = torch.autograd.grad(z[i, j], x, retain_graph=True)
+            out[i, j] = (g * v).sum()
+    return out
+
+
+def test_func_grad_matches_autograd():
+    deq, _ = _deq()
+    x = _x()
+    xr = x.clone().requires_grad_()
+    (ref,) = torch.autograd.grad(deq(xr).pow(2).sum(), xr)
+    got = torch.func.grad(lambda x: deq(x).pow(2).sum())(x)
+    torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-10)
+
+
+def test_func_grad_over_parameters_with_functional_call():
+    torch.manual_seed(0)
+    cell = torch.nn.Linear(3, 3).double()
+    with torch.no_grad():
+        cell.weight.mul_(0.5)
+    deq = il.DEQ(_Cell(cell), solver=il.Anderson(tol=1e-12, max_iter=200), backward=il.IFT(solver=il.Anderson(tol=1e-12, max_iter=200)))
+    x = _x()
+    params = {k: v.detach() for k, v in deq.named_parameters()}
+    got = torch.func.grad(lambda p: torch.func.functional_call(deq, p, (x,)).sum())(params)
+    deq.zero_grad()
+    deq(x).sum().backward()
+    for name, p in deq.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-8, atol=1e-10)
+
+
+class _Cell(torch.nn.Module):
+    def __init__(self, lin: torch.nn.Linear) -> None:
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, z, x):
+        return torch.tanh(self.lin(z) + x)
+
+
+# torch's own forward-mode decompositions script functions on first use (a torch-internal deprecation).
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_func_jvp_and_forward_ad_match_reverse_mode():
+    deq, _ = _deq()
+    x, v = _x(), torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ref = _autograd_jacobian_product(deq, x, v)
+    _, tangent = torch.func.jvp(deq, (x,), (v,))
+    torch.testing.assert_close(tangent, ref, rtol=1e-8, atol=1e-10)
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(deq(fwAD.make_dual(x, v))).tangent
+    torch.testing.assert_close(out, ref, rtol=1e-8, atol=1e-10)
+
+
+def test_vmap_forward_equals_the_batched_call():
+    deq, _ = _deq()
+    x = _x()
+    with torch.no_grad():
+        got = torch.func.vmap(lambda xi: deq(xi[None])[0])(x)
+        torch.testing.assert_close(got, deq(x), rtol=1e-10, atol=1e-12)
+    # also without no_grad, when nothing requires grad
+    deq2 = il.DEQ(lambda z, x: torch.tanh(0.5 * z + x), solver=il.Anderson(tol=1e-12, max_iter=200))
+    torch.testing.assert_close(torch.func.vmap(lambda xi: deq2(xi[None])[0])(x), deq2(x))
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        lambda deq, x: torch.func.jacrev(deq)(x),
+        lambda deq, x: torch.func.jacfwd(deq)(x),
+        lambda deq, x: torch.func.vmap(torch.func.grad(lambda xi: deq(xi[None]).sum()))(x),
+        lambda deq, x: torch.func.vmap(lambda xi: deq(xi[None])[0])(x),  # the cell's parameters require grad
+    ],
+    ids=["jacrev", "jacfwd", "per-sample-grad", "vmap-with-grad"],
+)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_unsupported_transforms_say_so(transform):
+    deq, _ = _deq()
+    with pytest.raises(NotImplementedError, match="vmap"):
+        transform(deq, _x())
+
+
+def test_second_derivatives_through_func_need_second_order():
+    deq, _ = _deq()
+    with pytest.raises(NotImplementedError, match="second_order=True"):
+        torch.func.grad(lambda x: torch.func.grad(lambda x: deq(x).sum())(x).sum())(_x())
+
+
+def test_func_over_an_objective_block_says_so():
+    y_, u_ = il.Input("y"), il.Variable("u")
+    problem = il.Problem([il.Minimize(u_, lambda u, y: ((u - y) ** 2).sum(1), (u_, y_), step_size=0.4)])
+    layer = il.ImplicitLayer(problem, y_, u_, init={"u": torch.zeros(3)})
+    with pytest.raises(NotImplementedError, match="Minimize/Maximize"):
+        torch.func.grad(lambda y: layer(y).sum())(torch.ones(2, 3))
