@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .backward import IFT, BackwardMode, BlockSolve, _transforms
+from ._calls import InitSpec, batched_start, check_init, check_inputs
+from .backward import IFT, BackwardMode, BlockSolve
 from .nn._cache import cached_weights
 from .problem import Input, Problem, Variable
 from .solvers import Anderson, SolveInfo
@@ -26,9 +27,6 @@ __all__ = ["ImplicitLayer", "Solution", "intercept_solves"]
 
 # Compiled blocks kept per layer (one per block and per set of sample shapes; the oldest are dropped).
 _MAX_COMPILED_BLOCKS = 32
-
-InitSpec = torch.Tensor | Callable[..., torch.Tensor]
-
 
 @dataclasses.dataclass(frozen=True)
 class Solution:
@@ -160,7 +158,7 @@ class ImplicitLayer(nn.Module):
             raise ValueError(
                 f"ImplicitLayer: no init for variable(s) {absent}; pass init={{name: tensor or callable of the inputs}}."
             )
-        _check_init(init, problem)
+        check_init(init, problem)
         if backward is not None and not isinstance(backward, BackwardMode):
             raise TypeError(f"ImplicitLayer: backward must be il.IFT(), il.Phantom() or il.Unroll(), got {backward!r}.")
         if solver is not None and not hasattr(solver, "solve"):
@@ -216,7 +214,7 @@ class ImplicitLayer(nn.Module):
             mode = hook.backward if hook.backward is not None else mode
         overrides = dict(init or {})
         if overrides:
-            _check_init(overrides, self.problem)
+            check_init(overrides, self.problem)
         with cached_weights():
             solution = self._solve(tensors, solver, mode, overrides)
         for hook in interceptors:
@@ -225,11 +223,12 @@ class ImplicitLayer(nn.Module):
         return solution
 
     def _solve(self, tensors: Sequence[torch.Tensor], solver: Any, mode: BackwardMode, overrides: Mapping[str, InitSpec]) -> Solution:
-        env = self._check_inputs(tensors)
+        env = check_inputs(self.input_names, tensors)
         batch = tensors[0].shape[0]
         ref = next(t for t in tensors if t.is_floating_point())  # starts take its dtype and device
         starts = {
-            name: self._start(name, overrides.get(name, self.init[name]), tensors, batch, ref) for name in self.problem.variables
+            name: batched_start(name, overrides.get(name, self.init[name]), tensors, batch, ref, self._sample_shapes)
+            for name in self.problem.variables
         }
         infos: dict[str, SolveInfo] = {}
         duals: dict[str, torch.Tensor] = {}
@@ -272,87 +271,3 @@ class ImplicitLayer(nn.Module):
         else:
             self._systems.move_to_end(key)
         return system
-
-    # ------------------------------------------------------------------------------ checks
-    def _check_inputs(self, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        if len(tensors) != len(self.input_names):
-            raise TypeError(
-                f"ImplicitLayer: expected {len(self.input_names)} input tensor(s) ({', '.join(self.input_names)}), got {len(tensors)}."
-            )
-        env: dict[str, torch.Tensor] = {}
-        first = None
-        vmapped = "vmap" in _transforms()
-        for name, t in zip(self.input_names, tensors):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"ImplicitLayer: input {name!r} must be a torch.Tensor, got {type(t).__name__}.")
-            if t.device.type == "meta":
-                raise NotImplementedError(
-                    f"ImplicitLayer: input {name!r} is on the 'meta' device. An implicit layer's output shape and "
-                    "values come from an iterative solve that must read values, so meta tensors are not supported; "
-                    "run it on 'cpu' (a batch of one is enough to learn the output shapes)."
-                )
-            if t.dim() == 0:
-                raise ValueError(f"ImplicitLayer: input {name!r} must have a leading batch dimension, got a scalar.")
-            if first is None:
-                first = (name, t)
-            else:
-                fname, ft = first
-                if t.shape[0] != ft.shape[0]:
-                    raise ValueError(
-                        f"ImplicitLayer: inputs disagree on the batch size: {fname!r} has {ft.shape[0]}, {name!r} has {t.shape[0]}."
-                    )
-                if t.device != ft.device:
-                    raise ValueError(f"ImplicitLayer: input {name!r} is on {t.device} but {fname!r} is on {ft.device}; move them to one device.")
-                if t.is_floating_point() and ft.is_floating_point() and t.dtype != ft.dtype:
-                    raise TypeError(f"ImplicitLayer: input {name!r} is {t.dtype} but {fname!r} is {ft.dtype}; use one floating dtype.")
-            # (Under torch.func.vmap a host-side test of values is impossible; the solve reports non-finite samples.)
-            if t.is_floating_point() and not vmapped and not bool(torch.isfinite(t.detach()).all()):
-                raise ValueError(f"ImplicitLayer: input {name!r} contains NaN or Inf values.")
-            env[name] = t
-        if tensors and not any(t.is_floating_point() for t in tensors):
-            raise TypeError("ImplicitLayer: at least one input must be a floating-point tensor (it sets the dtype of the solve).")
-        return env
-
-    def _start(self, name: str, spec: InitSpec, tensors: Sequence[torch.Tensor], batch: int, ref: torch.Tensor) -> torch.Tensor:
-        """The `(B, ...)` start of a variable from its `init` entry.
-
-        A callable's result is a batched start, whatever its sample shape (so a convolutional model may
-        be called at a new image size). A tensor whose first dimension is B (with at least two
-        dimensions) is a batched start; any other tensor is one sample's start, broadcast over the batch.
-        Once a tensor start's sample shape is known, a tensor equal to that sample shape is always
-        broadcast and a tensor of any other shape is an error. For a matrix-shaped variable whose first dimension may equal the batch size, pass a
-        callable.
-        """
-        from_callable = callable(spec) and not isinstance(spec, torch.Tensor)
-        value = spec(*tensors) if from_callable else spec
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"ImplicitLayer: init for {name!r} must be a tensor or return one, got {type(value).__name__}.")
-        value = value.detach().to(device=ref.device, dtype=ref.dtype)
-        if from_callable:
-            if value.dim() < 1 or value.shape[0] != batch:
-                raise ValueError(
-                    f"ImplicitLayer: the init callable for {name!r} returned shape {tuple(value.shape)}; it must return a "
-                    f"batched start whose first dimension is the batch size {batch}."
-                )
-            return value
-        known = self._sample_shapes.get(name)
-        if known is not None:
-            batched = tuple(value.shape) == (batch, *known)
-            if not batched and tuple(value.shape) != known:
-                raise ValueError(
-                    f"ImplicitLayer: init for {name!r} has shape {tuple(value.shape)}, which is neither one sample {known} "
-                    f"nor a batch {(batch, *known)}. A start that must follow the inputs' shapes is a callable of the inputs."
-                )
-        else:
-            batched = value.dim() > 1 and value.shape[0] == batch
-            self._sample_shapes[name] = tuple(value.shape[1:]) if batched else tuple(value.shape)
-        return value if batched else value.expand(batch, *value.shape).contiguous()
-
-
-def _check_init(init: Mapping[str, Any], problem: Problem) -> None:
-    extra = sorted(set(init) - set(problem.variables))
-    if extra:
-        raise ValueError(f"ImplicitLayer: init names unknown variable(s) {extra}; variables are {sorted(problem.variables)}.")
-    for name, spec in init.items():
-        if not (isinstance(spec, torch.Tensor) or callable(spec)):
-            raise TypeError(f"ImplicitLayer: init for {name!r} must be a tensor or a callable of the inputs, got {type(spec).__name__}.")

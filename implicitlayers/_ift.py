@@ -1,0 +1,256 @@
+"""The implicit function theorem's machinery: the correction functions and the adjoint linear systems.
+
+**IFT.** With `R(w*, θ) = 0`, the implicit function theorem gives `dw*/dθ = −A⁻¹ ∂R/∂θ` with
+`A = ∂R/∂w`. We build it from one differentiable evaluation `y = R(w*, θ)` (its graph reaches every
+input and every parameter that the user's functions capture) followed by `_ImplicitCorrection`, an
+autograd function whose value is 0 and whose vector–Jacobian product is `g ↦ −A⁻ᵀ g`:
+
+    out = w* + correction(y)      ⇒   ∂out/∂θ = −A⁻¹ ∂R/∂θ   (exactly the IFT)
+
+so the upstream gradient `g` costs one matrix-free solve `Aᵀ λ = g` (matvecs are VJPs of `R` in `w`)
+and one VJP of `R` in `θ`. Memory does not depend on the forward iterations.
+
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from ._transforms import active_transforms, inside_functorch_transform, tangents_may_flow
+from .solvers import Anderson, SolveInfo, SolverConfig, apply_failure_policy
+from .solvers._base import IterativeSolver
+
+if TYPE_CHECKING:
+    from .backward import IFT
+
+__all__ = ["AdjointProblem", "adjoint_solver", "attach_ift"]
+
+
+def adjoint_solver(mode: "IFT", forward_solver: Any) -> Any:
+    """The solver of the IFT linear system: the mode's, else one like the forward solver."""
+    if mode.solver is not None:
+        return mode.solver
+    if isinstance(forward_solver, IterativeSolver):
+        return forward_solver.replace(max_iter=max(forward_solver.max_iter, 100), trace=False)
+    tol = forward_solver.tol if isinstance(forward_solver, SolverConfig) else 1e-5
+    return Anderson(tol=tol, max_iter=100)
+
+
+class _ImplicitCorrection(torch.autograd.Function):
+    """Value 0; vector–Jacobian product `g ↦ −A⁻ᵀ g` with `A = ∂R/∂w` at the solution.
+
+    Under double backward (`create_graph=True`, with `IFT(second_order=True)`) the VJP is itself
+    differentiable in `g`; the derivatives of `A` enter through the second-order term of `attach_ift`.
+    """
+
+    @staticmethod
+    def forward(y: torch.Tensor, adjoint: "AdjointProblem") -> torch.Tensor:
+        return torch.zeros_like(y)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.adjoint = inputs[1]
+        if inside_functorch_transform():
+            ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        adjoint = ctx.adjoint
+        with torch.no_grad():
+            lam = adjoint.solve(grad)
+        if not torch.is_grad_enabled():
+            return -lam, None
+        if not adjoint.second_order and inside_functorch_transform():
+            # torch.func.grad always differentiates with create_graph: first order is right as it is;
+            # only a further derivative (e.g. torch.func.hessian) must refuse.
+            # Tied to y (which depends on θ), so that any further derivative passes through the guard.
+            (y,) = ctx.saved_tensors
+            return _FirstOrderOnly.apply(-lam, grad, y, adjoint.name), None
+        if not adjoint.second_order:
+            raise NotImplementedError(
+                f"{adjoint.name}: double backward (create_graph=True) through the IFT needs "
+                "backward=il.IFT(second_order=True) (or use il.Unroll / il.Phantom)."
+            )
+        # A is held fixed here; its dependence on θ and w* enters through the second-order term of y
+        # (see `attach_ift`). The dependence on g is linear: λ = λ* + (A⁻ᵀ-Jacobian)(g − g*).
+        return -(lam + _InverseCorrection.apply(-grad, adjoint)), None
+
+
+    @staticmethod
+    def jvp(ctx, y_tangent: torch.Tensor, _adjoint_tangent: None) -> torch.Tensor:
+        # Forward mode (torch.func.jvp, torch.autograd.forward_ad): ẇ = −A⁻¹ ẏ, one tangent solve.
+        return -ctx.adjoint.solve(y_tangent, transpose=False)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """The value of `lam`; differentiating it again raises (the IFT was not prepared for second order)."""
+
+    @staticmethod
+    def forward(lam: torch.Tensor, grad: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
+        return lam.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.name = inputs[3]
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise NotImplementedError(
+            f"{ctx.name}: second derivatives through the IFT (torch.func.hessian, grad of grad) need "
+            "backward=il.IFT(second_order=True)."
+        )
+
+
+class _InverseCorrection(torch.autograd.Function):
+    """Value 0; vector–Jacobian product `k ↦ −A⁻¹ k` (the transpose of `_ImplicitCorrection`'s)."""
+
+    @staticmethod
+    def forward(h: torch.Tensor, adjoint: "AdjointProblem") -> torch.Tensor:
+        return torch.zeros_like(h)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.adjoint = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if torch.is_grad_enabled():
+            raise NotImplementedError(f"{ctx.adjoint.name}: third-order derivatives through the IFT are not supported.")
+        return -ctx.adjoint.solve(grad, transpose=False), None
+
+
+@dataclasses.dataclass
+class AdjointProblem:
+    """The linear systems `Aᵀ λ = g` (and `A x = k`) of a block at its solution, solved matrix-free.
+
+    Args:
+        residual: `w ↦ R(w)` with the block's outer tensors detached, differentiable in `w`.
+        w_star: the detached solution.
+        solver: linear or fixed-point solver.
+        precond: the block's diagonal preconditioner (keeps the adjoint map as contractive as the forward one).
+        name: for convergence messages.
+        warm_start: optional `g ↦ λ₀`.
+        second_order: whether double backward is prepared (`IFT(second_order=True)`).
+        on_failure: the backward's failure policy (`IFT(on_failure=...)`).
+        report: called with each solve's `SolveInfo` (the layer keeps the latest as `backward_info`).
+    """
+
+    residual: Callable[[torch.Tensor], torch.Tensor]
+    w_star: torch.Tensor
+    solver: Any
+    precond: torch.Tensor | None
+    name: str
+    warm_start: Callable[[torch.Tensor], torch.Tensor] | None = None
+    second_order: bool = False
+    on_failure: str = "warn"
+    report: Callable[[SolveInfo], None] | None = None
+
+    def linearized(self, v: torch.Tensor) -> torch.Tensor:
+        """`A v` with `A = ∂R/∂w` held constant (no derivative through `A`, even of captured parameters)."""
+        return _ConstantProduct.apply(v, self, False)
+
+    def _operator(self, transpose: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The matvec `v ↦ Aᵀ v` (VJP) or `v ↦ A v` (JVP by the double-VJP trick), at the solution.
+
+        Inside a `torch.func` transform, where `requires_grad_` is not allowed, the same products come
+        from `torch.func.vjp` / `torch.func.jvp` (the user's functions then need forward-mode support).
+        """
+        if inside_functorch_transform():
+            w_star = self.w_star.detach()
+            if transpose:
+                _, vjp_fn = torch.func.vjp(self.residual, w_star)
+                return lambda v: vjp_fn(v)[0]
+            return lambda v: torch.func.jvp(self.residual, (w_star,), (v,))[1]
+        with torch.enable_grad():
+            w = self.w_star.detach().requires_grad_()
+            r = self.residual(w)
+            if transpose:
+
+                def matvec(v: torch.Tensor) -> torch.Tensor:
+                    (out,) = torch.autograd.grad(r, w, v, retain_graph=True, allow_unused=True)
+                    return torch.zeros_like(v) if out is None else out
+
+                return matvec
+            u = torch.zeros_like(r, requires_grad=True)
+            (vjp_u,) = torch.autograd.grad(r, w, u, create_graph=True, allow_unused=True)
+
+        def jvp(v: torch.Tensor) -> torch.Tensor:
+            if vjp_u is None:
+                return torch.zeros_like(v)
+            with torch.enable_grad():
+                (out,) = torch.autograd.grad(vjp_u, u, v, retain_graph=True, allow_unused=True)
+            return torch.zeros_like(v) if out is None else out
+
+        return jvp
+
+    def solve(self, rhs: torch.Tensor, transpose: bool = True) -> torch.Tensor:
+        """`A⁻ᵀ rhs` (default) or `A⁻¹ rhs`, matrix-free; failed samples are zeroed and reported."""
+        if "vmap" in active_transforms():
+            raise NotImplementedError(
+                f"{self.name}: the IFT's linear solve under torch.func.vmap (jacrev, jacfwd, hessian, per-sample "
+                "gradients) is not supported yet. The layer's batch dimension is already per sample: use "
+                "torch.autograd (or torch.func.grad / vjp / jvp without vmap)."
+            )
+        matvec = self._operator(transpose)
+        kind = "IFT backward" if transpose else "IFT double backward"
+        name = f"{kind} of {self.name}"
+        # The mode's policy applies, not the solver's: report once, below, after zeroing failed samples.
+        solver = self.solver.replace(on_failure="ignore") if isinstance(self.solver, SolverConfig) else self.solver
+        with torch.no_grad():
+            x0 = self.warm_start(rhs) if (self.warm_start is not None and transpose) else None
+            x, info = solver.solve_linear(matvec, rhs.detach(), x0, precond=self.precond, name=name)
+        failed = ~info.converged
+        if bool(failed.any()):
+            x = torch.where(failed[:, None], torch.zeros_like(x), x)
+        if self.report is not None:
+            self.report(info)
+        apply_failure_policy(
+            info, name=name, tol=getattr(self.solver, "tol", float("nan")), max_iter=getattr(self.solver, "max_iter", 0),
+            on_failure=self.on_failure,
+            hint=(
+                "pass il.IFT(solver=...) a stronger linear solver (il.linear.GMRES, more max_iter) or make the map more "
+                "contractive; the failed samples' gradients from this block were set to zero"
+            ),
+        )
+        return x
+
+
+class _ConstantProduct(torch.autograd.Function):
+    """`v ↦ A v` (or `Aᵀ v`) with `A` a constant: differentiable in `v` to any order, never through `A`."""
+
+    @staticmethod
+    def forward(v: torch.Tensor, adjoint: AdjointProblem, transpose: bool) -> torch.Tensor:
+        return adjoint._operator(transpose)(v.detach())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.adjoint, ctx.transpose = inputs[1], inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _ConstantProduct.apply(grad, ctx.adjoint, not ctx.transpose), None, None
+
+
+def attach_ift(
+    residual_theta: Callable[[torch.Tensor], torch.Tensor], w_star: torch.Tensor, adjoint: AdjointProblem
+) -> torch.Tensor | None:
+    """`w* + correction(y)`: the value of `w*`, the gradient of the IFT (see the module docstring), or
+    `None` when `y = R(w*, θ)` requires no gradient (nothing to differentiate).
+
+    `residual_theta` is `w ↦ R(w, θ)` with graph to every input and parameter.
+    With `adjoint.second_order`, `y` gains the zero-valued term
+    `T = R(w₁, θ) − R(w*, θ) − A (w₁ − w*)` with `w₁ = w* + correction(R(w*, θ))`, whose second
+    derivative is `2 R_wθ dw + R_ww dw dw`: exactly the terms of the second-order IFT that the
+    fixed-`A` correction leaves out, so gradient penalties are exact.
+    """
+    w_star = w_star.detach()
+    y = residual_theta(w_star)
+    if not y.requires_grad and not tangents_may_flow():  # nothing the block reads requires grad
+        return None
+    if adjoint.second_order:
+        shift = _ImplicitCorrection.apply(y, adjoint)
+        y = y + (residual_theta(w_star + shift) - y - adjoint.linearized(shift))
+    return w_star + _ImplicitCorrection.apply(y, adjoint)
