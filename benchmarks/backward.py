@@ -23,14 +23,20 @@ Timing uses the median over `--repeats` runs after one warm-up run.
 from __future__ import annotations
 
 import argparse
-import itertools
+import pathlib
 import statistics
-import time
+import sys
 
 import torch
 from torch import nn
 
 import implicitlayers as il
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the repository root makes `benchmarks` importable
+    sys.path.insert(0, str(ROOT))
+from benchmarks._common import median_time, saved_tensor_bytes, step_peak_cuda, timed  # noqa: E402
+from benchmarks._common import step_peak_cpu as _step_peak_cpu  # noqa: E402  (the name benchmarks/implicit_models.py reads)
 
 
 class TanhCell(nn.Module):
@@ -53,28 +59,18 @@ def make_layer(cell: TanhCell, dim: int, solver, backward) -> il.ImplicitLayer:
     return il.ImplicitLayer(problem, [x_], [z_], solver=solver, backward=backward, init={"z": torch.zeros(dim)})
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_ift(cell, x, cotangent, dim: int, repeats: int, tol: float) -> dict:
     """Median forward and backward wall time of the exact IFT at a realistic tolerance."""
     layer = make_layer(cell, dim, il.Anderson(tol=tol, max_iter=100), il.IFT())
     forward, backward = [], []
     for run in range(repeats + 1):
         cell.zero_grad(set_to_none=True)
-        _sync(x.device)
-        t0 = time.perf_counter()
-        (z,) = layer(x)
-        _sync(x.device)
-        t1 = time.perf_counter()
-        (z * cotangent).sum().backward()
-        _sync(x.device)
-        t2 = time.perf_counter()
+        out: list[torch.Tensor] = []
+        seconds_forward = timed(lambda: out.append(layer(x)[0]), x.device)
+        seconds_backward = timed(lambda: (out[0] * cotangent).sum().backward(), x.device)
         if run:  # the first run warms up
-            forward.append(t1 - t0)
-            backward.append(t2 - t1)
+            forward.append(seconds_forward)
+            backward.append(seconds_backward)
     info = layer.last_solution.info["block 0 (z)"]
     return {
         "forward_s": statistics.median(forward),
@@ -82,29 +78,6 @@ def time_ift(cell, x, cotangent, dim: int, repeats: int, tol: float) -> dict:
         "nfe": info.nfe,
         "max_residual": float(info.residual.max()),
     }
-
-
-def _saved_bytes(layer, x) -> tuple[torch.Tensor, int]:
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        (z,) = layer(x)
-    return z, sum(storages.values())
-
-
-def _step_peak_cpu(step) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
 
 
 def step_memory(cell, x, cotangent, dim: int, max_iter: int, backward, repeats: int) -> dict:
@@ -121,26 +94,11 @@ def step_memory(cell, x, cotangent, dim: int, max_iter: int, backward, repeats: 
         (z * cotangent).sum().backward()
 
     cell.zero_grad(set_to_none=True)
-    z, saved = _saved_bytes(layer, x)
+    (z,), saved = saved_tensor_bytes(lambda: layer(x))
     (z * cotangent).sum().backward()
     del z
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
-        base = torch.cuda.memory_allocated(x.device)
-        torch.cuda.reset_peak_memory_stats(x.device)
-        step()
-        torch.cuda.synchronize(x.device)
-        peak = torch.cuda.max_memory_allocated(x.device) - base
-    else:
-        peak = _step_peak_cpu(step)
-    times = []
-    for _ in range(repeats):
-        _sync(x.device)
-        t0 = time.perf_counter()
-        step()
-        _sync(x.device)
-        times.append(time.perf_counter() - t0)
-    return {"saved": saved, "peak": peak, "step_s": statistics.median(times)}
+    peak = step_peak_cuda(step, x.device) if x.device.type == "cuda" else _step_peak_cpu(step)
+    return {"saved": saved, "peak": peak, "step_s": median_time(step, repeats, warmup=0, device=x.device)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,16 +23,20 @@ system each solves with Anderson to relative tolerance `--tol` (at most 100 iter
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import pathlib
+import sys
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 
 import implicitlayers as il
 from implicitlayers.models.weight_tied import WeightTied
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the repository root makes `benchmarks` importable
+    sys.path.insert(0, str(ROOT))
+from benchmarks._common import digits_dataset, round_robin, saved_tensor_bytes, step_peak_cuda  # noqa: E402
 
 try:
     from torchdeq import get_deq as _torchdeq_get_deq
@@ -109,47 +113,28 @@ def max_rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 def step_times(model: Model, forwards: dict[str, Callable], x, y, repeats: int, device: torch.device) -> dict[str, float]:
     """Median time of a training step for each forward, measured round-robin so that load drifts hit all alike."""
-    times: dict[str, list[float]] = {name: [] for name in forwards}
-    for i in range(repeats + 3):
-        for name, forward in forwards.items():
-            model.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            loss_of(model, forward, x, y).backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= 3:  # warm-up
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+
+    def step(forward: Callable) -> Callable[[], None]:
+        return lambda: loss_of(model, forward, x, y).backward()
+
+    steps = {name: step(forward) for name, forward in forwards.items()}
+    return round_robin(steps, repeats, warmup=3, device=device, before=lambda: model.zero_grad(set_to_none=True))
 
 
 def saved_bytes(model: Model, forward, x, y) -> int:
     """Bytes of the distinct storages autograd saves for the backward pass of one step."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
     model.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_of(model, forward, x, y)
+    loss, saved = saved_tensor_bytes(lambda: loss_of(model, forward, x, y))
     loss.backward()
-    return sum(storages.values())
+    return saved
 
 
 def peak_cuda(model: Model, forward, x, y, device: torch.device) -> float | None:
+    """Peak CUDA memory of one training step in MiB (`None` on the CPU)."""
     if device.type != "cuda":
         return None
     model.zero_grad(set_to_none=True)
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    loss_of(model, forward, x, y).backward()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return step_peak_cuda(lambda: loss_of(model, forward, x, y).backward(), device) / 2**20
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -166,9 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    digits = load_digits()
-    x = torch.tensor(digits.data[: args.batch] / 16.0, dtype=torch.float32, device=device)
-    y = torch.tensor(digits.target[: args.batch], device=device)
+    images, labels = digits_dataset()
+    x, y = images[: args.batch].to(device), labels[: args.batch].to(device)
     model = Model(args.hidden).to(device)
     ours = make_ours(model, args.tol)
     results: dict = {}

@@ -4,7 +4,7 @@ Run: `python benchmarks/jiio.py [--epochs 15] [--batch 128] [--state 96] [--step
 
 Two inner problems, each on one trained model and one batch of targets (scikit-learn's digits):
 
-- **latent inference**: the DEQ decoder of `implicitlayers.demo` (trained here by JIIO for `--epochs`
+- **latent inference**: the DEQ decoder of `examples/jiio_digits.py` (trained here by JIIO for `--epochs`
   epochs); `min_x ‖head(z) − y‖² + λ‖x‖²`, `z = tanh(W z + U x + b)`, on held-out images.
 - **adversarial**: the DEQ classifier of `examples/jiio_adversarial.py` (trained here on clean data);
   `max_{‖δ‖₂ ≤ 1} CE(head(z), y)`, `z = tanh(W z + U (u + δ) + b)`.
@@ -32,17 +32,22 @@ minimum is reported (robust on a shared machine). Ratios are naive ÷ JIIO. Timi
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
+import sys
 import time
 from typing import Callable
 
 import torch
 
 import implicitlayers as il
-from implicitlayers.demo import DecoderConfig, load_digits_split, squared_error_objective, train_decoder
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the repository root makes `benchmarks` and `examples` importable
+    sys.path.insert(0, str(ROOT))
+from benchmarks._common import digits_dataset, min_time, pinned_threads  # noqa: E402
+from examples import jiio_adversarial  # noqa: E402
+from examples.jiio_digits import DecoderConfig, load_digits_split, squared_error_objective, train_decoder  # noqa: E402
+
 SOLVE = il.Anderson(m=5, tol=1e-4, max_iter=50, on_failure="ignore")
 # JIIO's (state, adjoint) dampings tried: the reference code's (0.8, 0.6), which is the layer's default, and none.
 JIIO_DAMPINGS = [(0.8, 0.6), (1.0, 1.0)]
@@ -118,16 +123,6 @@ def first_reaching(rows, level: float, sign: float):
     return None
 
 
-def retime(fn: Callable[[], object], repeats: int) -> float:
-    """The minimum wall time of `repeats` calls (the machine may be shared: the minimum is the least noisy)."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def compare(name, jiio_runs, naive_runs, sign: float, label: str = "Adam steps", timers=None, repeats: int = 3) -> dict:
     """Both methods' first hit of the common target; each method's fastest setting (step size / learning rate).
 
@@ -147,8 +142,8 @@ def compare(name, jiio_runs, naive_runs, sign: float, label: str = "Adam steps",
     lr, n = fastest(naive_runs)
     if timers is not None:  # re-time both winners, minimum of repeats
         jiio_timer, naive_timer = timers
-        j = (j[0], j[1], retime(jiio_timer(j[0], setting), repeats), j[3])
-        n = (n[0], n[1], retime(naive_timer(lr, n[0]), repeats), n[3])
+        j = (j[0], j[1], min_time(jiio_timer(j[0], setting), repeats), j[3])
+        n = (n[0], n[1], min_time(naive_timer(lr, n[0]), repeats), n[3])
     print(f"\n== {name}: target objective {level:.4f} (best JIIO {best_j:.4f}, best naive {best_n:.4f})")
     print(f"  JIIO : T = {j[0]:>4} iterations (step, dampings = {setting}), {j[2] * 1e3:8.1f} ms, {j[3]:>6} evaluations (f + VJP each)")
     print(f"  naive: {n[0]:>4} {label} (lr {lr}), {n[2] * 1e3:8.1f} ms, {n[3]:>6} evaluations (forward f + adjoint VJP)")
@@ -179,14 +174,8 @@ def latent_problem(args):
 
 
 def adversarial_problem(args):
-    spec = importlib.util.spec_from_file_location("jiio_adversarial", ROOT / "examples" / "jiio_adversarial.py")
-    ex = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ex)
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    X = torch.as_tensor(digits.data, dtype=torch.float32) / 16.0
-    Y = torch.as_tensor(digits.target)
+    ex = jiio_adversarial
+    X, Y = digits_dataset()
     model, _ = ex.train("standard", None, (X[297:], Y[297:]), 2 if args.fast else 5, 0, progress=False)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -251,13 +240,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    torch.set_num_threads(1)
-    results = {
-        "latent": run("latent inference (DEQ decoder, digits)", latent_problem(args), args, 1.0, [0.03, 0.1, 0.3]),
-        "adversarial": run("adversarial inner maximisation (l2, eps = 1)", adversarial_problem(args), args, -1.0,
-                           [0.01, 0.03, 0.1], pgd_lrs=[0.05, 0.1, 0.25]),
-    }
-    return results
+    with pinned_threads(1):
+        return {
+            "latent": run("latent inference (DEQ decoder, digits)", latent_problem(args), args, 1.0, [0.03, 0.1, 0.3]),
+            "adversarial": run("adversarial inner maximisation (l2, eps = 1)", adversarial_problem(args), args, -1.0,
+                               [0.01, 0.03, 0.1], pgd_lrs=[0.05, 0.1, 0.25]),
+        }
 
 
 if __name__ == "__main__":

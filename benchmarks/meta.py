@@ -32,11 +32,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
-import statistics
 import sys
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +44,11 @@ from torch.func import functional_call, jacrev
 import implicitlayers as il
 from implicitlayers.models.imaml import default_backward
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
-import fewshot_digits as fd  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the repository root makes `benchmarks` and `examples` importable
+    sys.path.insert(0, str(ROOT))
+from benchmarks._common import median_time, pinned_threads  # noqa: E402
+from examples import fewshot_digits as fd  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -103,16 +105,6 @@ class Unmetered:
     def solve_linear(self, *args, **kwargs):
         with torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
             return self.inner.solve_linear(*args, **kwargs)
-
-
-def median_time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up (vmap and autograd caches)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def linear_solver(steps: int, tol: float = 1e-30) -> tuple[Any, str]:
@@ -262,7 +254,8 @@ def bench_batching(batch: fd.Tasks, repeats: int, inner_steps: int = 16, cg_step
             rows.append(["torchopt (not installed)", "—", "—", "—"])
         else:
             t_torchopt = median_time(lambda: torchopt_meta_gradient(model, batch, inner_steps, cg_steps, lam), repeats)
-            rows.append(["torchopt custom_root, loop over tasks", f"{1e3 * t_torchopt:.1f}", f"{t_torchopt / t_batched:.2f}", f"{rel(g_torchopt, g_batched):.1e}"])
+            rows.append(["torchopt custom_root, loop over tasks", f"{1e3 * t_torchopt:.1f}", f"{t_torchopt / t_batched:.2f}",
+                         f"{rel(g_torchopt, g_batched):.1e}"])
     table(
         f"3. One meta-gradient, {sx.shape[0]} tasks, K = {inner_steps} GD steps, {cg_steps} {name} steps",
         ["method", "median ms", "× batched", "rel. diff. of meta-gradient"], rows,
@@ -327,7 +320,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer K and CG values")
     parser.add_argument("--only", nargs="+", type=int, choices=[1, 2, 3, 4], default=[1, 2, 3, 4])
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    with pinned_threads(1):
+        _run(args)
+
+
+def _run(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     batch = fd.TaskSampler([0, 1, 2, 3, 4], 5, 1, 5, seed=0).sample(args.tasks)
     if 1 in args.only:

@@ -24,19 +24,20 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import sys
 import time
 
-import matplotlib
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from sklearn.model_selection import train_test_split  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import implicitlayers as il
 
-import implicitlayers as il  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the repository root makes `examples` importable
+    sys.path.insert(0, str(ROOT))
+from examples._common import digits_dataset, pinned_threads, pyplot, save_figure  # noqa: E402
 
 
 class TanhCell(torch.nn.Module):
@@ -66,12 +67,11 @@ class DEQClassifier(torch.nn.Module):
 
 
 def load_data(fast: bool) -> tuple[torch.Tensor, ...]:
-    digits = load_digits()
-    x_train, x_test, y_train, y_test = train_test_split(digits.data / 16.0, digits.target, test_size=0.25, random_state=0)
+    x, y = digits_dataset()
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0)
     if fast:
         x_train, y_train, x_test, y_test = x_train[:256], y_train[:256], x_test[:128], y_test[:128]
-    to_x = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-    return to_x(x_train), torch.tensor(y_train), to_x(x_test), torch.tensor(y_test)
+    return x_train, y_train, x_test, y_test
 
 
 @torch.no_grad()
@@ -142,6 +142,7 @@ def train(
 
 
 def plot(runs: dict[str, dict], path: pathlib.Path) -> None:
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for label, run in runs.items():
         h = run["history"]
@@ -154,9 +155,7 @@ def plot(runs: dict[str, dict], path: pathlib.Path) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -172,12 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fast", action="store_true", help="tiny run (subset, 2 epochs) for the test suite")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the matrices are small: 1 is fastest)")
     args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with pinned_threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)  # main() is also called in-process by the test suite
 
 
 def _run(args: argparse.Namespace) -> dict:

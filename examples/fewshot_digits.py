@@ -27,22 +27,23 @@ import argparse
 import json
 import math
 import pathlib
+import sys
 import time
 from typing import Callable
 
-import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, vmap
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from torch.func import functional_call, vmap  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import implicitlayers as il
+from implicitlayers.models.imaml import default_backward
 
-import implicitlayers as il  # noqa: E402
-from implicitlayers.models.imaml import default_backward  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the repository root makes `examples` importable
+    sys.path.insert(0, str(ROOT))
+from examples._common import digits_dataset, pinned_threads, pyplot, save_figure  # noqa: E402
 
 Tasks = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -57,9 +58,7 @@ class TaskSampler:
     """
 
     def __init__(self, digits: list[int], n_way: int, k_shot: int, queries: int, seed: int, rotations: bool = False) -> None:
-        data = load_digits()
-        x = torch.tensor(data.data / 16.0, dtype=torch.float32)
-        target = torch.tensor(data.target)
+        x, target = digits_dataset()
         self.pools = []
         for d in digits:
             images = x[target == d]
@@ -268,12 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.fast:
         args.steps, args.test_tasks, args.meta_batch, args.shots = 3, 50, 4, [1]
     args.out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with pinned_threads(args.threads):
         return run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -302,6 +297,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def plot(metrics: dict, path: pathlib.Path) -> None:
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     settings = list(metrics)
     learners = list(next(iter(metrics.values())))
@@ -318,9 +314,7 @@ def plot(metrics: dict, path: pathlib.Path) -> None:
         ax.set_xticks(np.arange(len(settings)) + 0.4 - width / 2, settings)
         ax.set_title(title)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

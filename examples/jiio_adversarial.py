@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
+import sys
 import time
 from typing import Sequence
 
@@ -37,6 +39,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import implicitlayers as il
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the repository root makes `examples` importable
+    sys.path.insert(0, str(ROOT))
+from examples._common import digits_dataset, held_out_split, pinned_threads, pyplot, save_figure  # noqa: E402
 
 EPS = {"l2": 1.0, "linf": 0.1}
 # JIIO's projected-gradient step α and iteration budget per norm (tuned on a clean-trained model so
@@ -132,12 +139,8 @@ def evaluate(model: DEQClassifier, data, steps: int) -> dict[str, float]:
     return metrics
 
 
-def save_figure(path: str, rows: dict[str, dict[str, float]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_results(path: str, rows: dict[str, dict[str, float]]) -> None:
+    plt = pyplot()
     names = list(rows)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
     width = 0.27
@@ -149,9 +152,7 @@ def save_figure(path: str, rows: dict[str, dict[str, float]]) -> None:
     ax2.bar(range(len(names)), [rows[n]["train_seconds"] for n in names], color="gray")
     ax2.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
     ax2.set_ylabel("training time (s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -163,29 +164,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    X = torch.as_tensor(digits.data, dtype=torch.float32) / 16.0
-    Y = torch.as_tensor(digits.target)
-    perm = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(0))
-    X, Y = X[perm], Y[perm]
-    train_set, test_set = (X[297:], Y[297:]), (X[:297], Y[:297])
+    train_set, test_set = held_out_split(*digits_dataset())
     epochs, eval_steps, pgd_steps = args.epochs, 20, args.pgd_steps
     if args.fast:
-        train_set, test_set = (X[297:553], Y[297:553]), (X[:64], Y[:64])
+        train_set, test_set = tuple(t[:256] for t in train_set), tuple(t[:64] for t in test_set)
         epochs, eval_steps, pgd_steps = 1, 5, 3
     runs: list[tuple[str, str | None]] = [("standard", None), ("pgd", "l2"), ("jiio", "l2"), ("pgd", "linf"), ("jiio", "linf")]
     rows: dict[str, dict[str, float]] = {}
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread beats several contending ones
-    try:
+    with pinned_threads(1):
         for method, norm in tqdm(runs, desc="models", disable=args.no_progress):
             model, seconds = train(method, norm, train_set, epochs, pgd_steps, progress=not args.no_progress)
             name = method if norm is None else f"{method.upper()}-AT {norm}"
             rows[name] = {**evaluate(model, test_set, eval_steps), "train_seconds": seconds}
-    finally:
-        torch.set_num_threads(before)
     print(f"{'model':<16}{'clean':>8}{f'PGD-{eval_steps} l2':>13}{f'PGD-{eval_steps} linf':>15}{'train s':>10}")
     for name, r in rows.items():
         print(f"{name:<16}{r['clean']:>8.3f}{r['pgd_l2']:>13.3f}{r['pgd_linf']:>15.3f}{r['train_seconds']:>10.1f}")
@@ -193,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         speedup = rows[f"PGD-AT {norm}"]["train_seconds"] / rows[f"JIIO-AT {norm}"]["train_seconds"]
         print(f"{norm}: JIIO adversarial training is {speedup:.1f}x faster than PGD-{pgd_steps} adversarial training")
     figure = os.path.join(args.out, "jiio_adversarial.png")
-    save_figure(figure, rows)
+    plot_results(figure, rows)
     print(f"figure: {figure}")
     return {"models": rows, "figure": figure, "pgd_train_steps": pgd_steps, "eval_steps": eval_steps}
 

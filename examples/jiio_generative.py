@@ -1,7 +1,7 @@
 """A generative DEQ trained with JIIO latent inference (no encoder), on scikit-learn's digits.
 
 The decoder is `z = tanh(W z + U x + b)`, image `= sigmoid(V z + c)` with a latent code `x ∈ R^12`
-and a state `z ∈ R^96` (`implicitlayers.demo.DigitsDecoder`). For each batch, `il.JIIO` finds every
+and a state `z ∈ R^96` (`DigitsDecoder` of `examples/jiio_digits.py`). For each batch, `il.JIIO` finds every
 image's latent code and equilibrium jointly — one augmented fixed point in `[z, x, μ]` — and the
 decoder takes one Adam step on the same objective at `(x*, z*)`, with `il.IFT(first_order=True)`
 gradients (exact here by the envelope theorem: the training loss is the inner objective).
@@ -15,20 +15,19 @@ Run: `python examples/jiio_generative.py [--epochs 40] [--fast] [--out outputs]`
 
 from __future__ import annotations
 
-import argparse
 import os
+import pathlib
+import sys
 import time
 from typing import Sequence
 
 import torch
 
-from implicitlayers.demo import (
-    DecoderConfig,
-    evaluate_mse,
-    load_digits_split,
-    single_thread,
-    train_decoder,
-)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the repository root makes `examples` importable
+    sys.path.insert(0, str(ROOT))
+from examples._common import pinned_threads, pyplot, save_figure, save_image_rows  # noqa: E402
+from examples.jiio_digits import evaluate_mse, example_arguments, example_setup, train_decoder  # noqa: E402
 
 
 def sample_images(decoder, latents: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
@@ -41,56 +40,20 @@ def sample_images(decoder, latents: torch.Tensor, n: int, seed: int = 0) -> torc
     return decoder.decode(x)
 
 
-def save_figure(path: str, rows: list[tuple[str, torch.Tensor]], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = min(r.shape[0] for _, r in rows)
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.0 * n, 1.15 * len(rows) + 0.4), squeeze=False)
-    for i, (label, imgs) in enumerate(rows):
-        for j in range(n):
-            ax = axes[i, j]
-            ax.imshow(imgs[j].reshape(8, 8).detach().cpu().numpy(), cmap="gray_r", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[i, 0].set_ylabel(label, fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def save_loss(path: str, history: list[float]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4, 3))
     ax.plot(range(1, len(history) + 1), history, marker="o")
     ax.set_xlabel("epoch")
     ax.set_ylabel("training MSE per pixel")
     ax.set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--fast", action="store_true", help="a few epochs on a subset (for tests, ~10 s)")
-    parser.add_argument("--out", default="outputs")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    train, test = load_digits_split()
-    if args.fast:
-        train, test = train[:384], test[:64]
-    cfg = DecoderConfig(epochs=2 if args.fast else args.epochs)
-    with single_thread():
+    args = example_arguments(__doc__, 40, argv)
+    train, test, cfg = example_setup(args)
+    with pinned_threads(1):
         start = time.perf_counter()
         decoder, history = train_decoder(train, cfg, progress=not args.no_progress)
         train_seconds = time.perf_counter() - start
@@ -99,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         samples = sample_images(decoder, train_latents, 10)
     baseline = float(((test - train.mean(0)) ** 2).mean())
     figure = os.path.join(args.out, "jiio_generative.png")
-    save_figure(
+    save_image_rows(
         figure,
         [("held-out", test[:10]), ("JIIO recon.", held_out["reconstructions"][:10]), ("samples", samples)],
         f"JIIO-trained DEQ decoder: held-out MSE {held_out['mse']:.4f} (mean image {baseline:.4f})",

@@ -1,6 +1,6 @@
 """Inverse problems with a JIIO-trained DEQ decoder: inpainting and denoising on scikit-learn's digits.
 
-A decoder (`implicitlayers.demo.DigitsDecoder`) is first trained by JIIO latent inference on clean
+A decoder (`DigitsDecoder` of `examples/jiio_digits.py`) is first trained by JIIO latent inference on clean
 training images (as in `jiio_generative.py`, shorter). Then, for each held-out image, the latent code
 is inferred by `il.JIIO` against the *corrupted* observation only:
 
@@ -18,16 +18,22 @@ Run: `python examples/jiio_inverse.py [--epochs 30] [--fast] [--out outputs]`
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
+import pathlib
+import sys
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 import implicitlayers as il
-from implicitlayers.demo import DecoderConfig, load_digits_split, reconstruction_jiio, single_thread, train_decoder
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the repository root makes `examples` importable
+    sys.path.insert(0, str(ROOT))
+from examples._common import pinned_threads, save_image_rows  # noqa: E402
+from examples.jiio_digits import example_arguments, example_setup, reconstruction_jiio, train_decoder  # noqa: E402
 
 
 def psnr(estimate: torch.Tensor, clean: torch.Tensor) -> float:
@@ -56,46 +62,18 @@ def square_masks(n: int, size: int = 3, side: int = 8, seed: int = 0) -> torch.T
     return masks.reshape(n, side * side)
 
 
-def save_figure(path: str, panels: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]], n: int = 8) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(3 * len(panels), n, figsize=(n * 0.9, 3 * len(panels) * 0.95 + 0.3), squeeze=False)
-    for p, (task, clean, corrupted, recon) in enumerate(panels):
-        for r, (label, imgs) in enumerate((("clean", clean), (task, corrupted), ("JIIO", recon))):
-            for j in range(n):
-                ax = axes[3 * p + r, j]
-                ax.imshow(imgs[j].reshape(8, 8).clamp(0, 1).detach().cpu().numpy(), cmap="gray_r", vmin=0, vmax=1)
-                ax.set_xticks([])
-                ax.set_yticks([])
-            axes[3 * p + r, 0].set_ylabel(label, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--fast", action="store_true", help="a short training run and few images (for tests)")
-    parser.add_argument("--out", default="outputs")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    train, test = load_digits_split()
-    if args.fast:
-        train, test = train[:384], test[:64]
-    cfg = DecoderConfig(epochs=2 if args.fast else args.epochs)
+    args = example_arguments(__doc__, 30, argv)
+    train, test, cfg = example_setup(args)
     gen = torch.Generator().manual_seed(1)
     tasks = {
         "inpainting 3x3": (test * square_masks(test.shape[0]), square_masks(test.shape[0])),
         "denoising 0.2": (test + 0.2 * torch.randn(test.shape, generator=gen), torch.ones_like(test)),
         "denoising 0.4": (test + 0.4 * torch.randn(test.shape, generator=gen), torch.ones_like(test)),
     }
-    results, panels = {}, []
-    with single_thread():
+    results: dict[str, dict[str, float]] = {}
+    rows: list[tuple[str, torch.Tensor]] = []  # figure rows: clean, corrupted, JIIO per task
+    with pinned_threads(1):
         decoder, _ = train_decoder(train, cfg, progress=not args.no_progress)
         jiio = reconstruction_jiio(decoder, cfg, objective=masked_objective(cfg.prior), max_iter=100)
         for task, (observed, mask) in tqdm(tasks.items(), desc="inverse problems", disable=args.no_progress):
@@ -108,9 +86,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 "psnr_jiio": psnr(recon, test),
                 "converged": float(info.converged.float().mean()),
             }
-            panels.append((task, test, observed, recon))
+            rows += [("clean", test), (task, observed), ("JIIO", recon)]
     figure = os.path.join(args.out, "jiio_inverse.png")
-    save_figure(figure, panels)
+    save_image_rows(figure, rows, n=8)
     print(f"{'task':<16}{'PSNR corrupted':>16}{'PSNR JIIO':>12}")
     for task, r in results.items():
         print(f"{task:<16}{r['psnr_corrupted']:>13.2f} dB{r['psnr_jiio']:>9.2f} dB")

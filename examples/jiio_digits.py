@@ -1,8 +1,8 @@
 """The JIIO digits demo: a DEQ decoder trained by JIIO latent inference, with no encoder.
 
-Shared by `python -m implicitlayers demo jiio`, `examples/jiio_generative.py`,
-`examples/jiio_inverse.py` and `benchmarks/jiio.py`. Needs the `dev` extra (scikit-learn, tqdm,
-matplotlib).
+Shared by `python -m implicitlayers demo jiio` (which runs `run_demo` from a source checkout),
+`examples/jiio_generative.py`, `examples/jiio_inverse.py` and `benchmarks/jiio.py`. Needs the
+`examples` extra (scikit-learn, tqdm, matplotlib).
 
 The decoder is the small replica of the paper's generative model: the state `z ∈ R^d` is the
 equilibrium of `z = tanh(W z + U x + b)` for a latent code `x ∈ R^k`, and the image is
@@ -13,17 +13,18 @@ decoder's parameters take one Adam step on the same objective at `(x*, z*)`.
 
 from __future__ import annotations
 
-import contextlib
+import argparse
 import dataclasses
+import os
 import time
-from typing import Any, Iterator
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from .backward import IFT
-from .models.jiio import JIIO
-from .solvers import Anderson, fixed_point
+import implicitlayers as il
+
+from ._common import digits_dataset, held_out_split, pinned_threads, save_image_rows
 
 __all__ = [
     "DigitsDecoder",
@@ -33,21 +34,10 @@ __all__ = [
     "train_decoder",
     "evaluate_mse",
     "run_demo",
-    "save_pairs",
-    "single_thread",
     "squared_error_objective",
+    "example_arguments",
+    "example_setup",
 ]
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one CPU thread: these matrices are tiny, and several threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class DigitsDecoder(nn.Module):
@@ -79,8 +69,8 @@ class DigitsDecoder(nn.Module):
     @torch.no_grad()
     def decode(self, x: torch.Tensor, tol: float = 1e-5, max_iter: int = 100) -> torch.Tensor:
         """Images of latent codes `x` `(B, k)` by a plain forward DEQ solve (for sampling)."""
-        sol = fixed_point(lambda z: self.cell(z, x), x.new_zeros(x.shape[0], self.state),
-                          solver=Anderson(m=5, tol=tol, max_iter=max_iter, on_failure="ignore"))
+        sol = il.fixed_point(lambda z: self.cell(z, x), x.new_zeros(x.shape[0], self.state),
+                          solver=il.Anderson(m=5, tol=tol, max_iter=max_iter, on_failure="ignore"))
         return self.head(sol.value)
 
 
@@ -110,23 +100,38 @@ def squared_error_objective(prior: float):
 
 
 def reconstruction_jiio(decoder: DigitsDecoder, cfg: DecoderConfig, *, objective=None, backward=None,
-                        max_iter: int | None = None, tol: float | None = None) -> JIIO:
+                        max_iter: int | None = None, tol: float | None = None) -> il.JIIO:
     """The JIIO latent-inference layer of a decoder (an objective other than the squared error may be given)."""
-    solver = Anderson(m=5, tol=tol or cfg.jiio_tol, max_iter=max_iter or cfg.jiio_iters, on_failure="ignore")
-    return JIIO(
+    solver = il.Anderson(m=5, tol=tol or cfg.jiio_tol, max_iter=max_iter or cfg.jiio_iters, on_failure="ignore")
+    return il.JIIO(
         decoder.cell, decoder.head, objective or squared_error_objective(cfg.prior), input_shape=decoder.latent,
-        solver=solver, backward=backward or IFT(first_order=True), state_shape=decoder.state, step_size=cfg.step_size,
+        solver=solver, backward=backward or il.IFT(first_order=True), state_shape=decoder.state, step_size=cfg.step_size,
     )
 
 
 def load_digits_split(n_test: int = 297, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's digits as `(N, 64)` float32 in `[0, 1]`, shuffled and split into train / held-out."""
-    from sklearn.datasets import load_digits
+    """The digits' images `(N, 64)` in `[0, 1]`, shuffled and split into train / held-out."""
+    (train,), (test,) = held_out_split(digits_dataset()[0], n_test=n_test, seed=seed)
+    return train, test
 
-    images = torch.as_tensor(load_digits().data, dtype=torch.float32) / 16.0
-    perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
-    images = images[perm]
-    return images[n_test:], images[:n_test]
+
+def example_arguments(doc: str, epochs: int, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line of the examples that train this decoder: `--epochs`, `--fast`, `--out`, `--no-progress`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--fast", action="store_true", help="two epochs on a subset (for tests, ~10 s)")
+    parser.add_argument("--out", default="outputs")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def example_setup(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, DecoderConfig]:
+    """Create `--out`; the train / held-out images (a subset with `--fast`) and the decoder's config."""
+    os.makedirs(args.out, exist_ok=True)
+    train, test = load_digits_split()
+    if args.fast:
+        train, test = train[:384], test[:64]
+    return train, test, DecoderConfig(epochs=2 if args.fast else args.epochs)
 
 
 def train_decoder(train: torch.Tensor, cfg: DecoderConfig, *, progress: bool = True, time_limit: float | None = None) -> tuple[DigitsDecoder, list[float]]:
@@ -183,46 +188,20 @@ def evaluate_mse(decoder: DigitsDecoder, images: torch.Tensor, cfg: DecoderConfi
     }
 
 
-def save_pairs(path: str, targets: torch.Tensor, recon: torch.Tensor, title: str = "", n: int = 10) -> None:
-    """A two-row PNG: targets on top, reconstructions below."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = min(n, targets.shape[0])
-    fig, axes = plt.subplots(2, n, figsize=(1.1 * n, 2.6))
-    for j in range(n):
-        for row, imgs in enumerate((targets, recon)):
-            ax = axes[row, j] if n > 1 else axes[row]
-            ax.imshow(imgs[j].reshape(8, 8).detach().cpu().numpy(), cmap="gray_r", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        if j == 0:
-            axes[0, 0].set_ylabel("target")
-            axes[1, 0].set_ylabel("JIIO")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def run_demo(out: str = "outputs", *, epochs: int = 30, progress: bool = True) -> dict[str, Any]:
     """The short demo: train for `epochs` epochs (about 20 s on 2 quiet CPU cores), print the held-out MSE
     and write `out/jiio_demo.png` (targets vs reconstructions)."""
-    import os
-
     os.makedirs(out, exist_ok=True)
     cfg = DecoderConfig(epochs=epochs)
     train, test = load_digits_split()
     start = time.perf_counter()
-    with single_thread():
+    with pinned_threads(1):
         decoder, history = train_decoder(train, cfg, progress=progress)
         result = evaluate_mse(decoder, test, cfg)
     seconds = time.perf_counter() - start
     path = os.path.join(out, "jiio_demo.png")
-    save_pairs(path, test, result["reconstructions"], title=f"JIIO latent inference, held-out MSE {result['mse']:.4f}")
+    save_image_rows(path, [("target", test), ("JIIO", result["reconstructions"])],
+                    title=f"JIIO latent inference, held-out MSE {result['mse']:.4f}")
     baseline = float(((test - train.mean(0)) ** 2).mean())
     print(f"held-out reconstruction MSE (per pixel): {result['mse']:.4f}  (mean-image baseline {baseline:.4f})")
     print(f"JIIO converged on {100 * result['converged']:.0f}% of held-out images; {seconds:.1f} s in all")
