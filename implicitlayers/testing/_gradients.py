@@ -157,7 +157,7 @@ def check_gradients(
     lines: list[str] = []
     worst = 0.0
     probes: list[tuple[list[tuple[int, torch.Tensor]], torch.Tensor]] = []  # (target index, direction) pairs and fd
-    for t, (g, i) in enumerate(zip(grads, float_idx)):
+    for t, i in enumerate(float_idx):
         for k in range(directions):
             d = randn_like(xs[i])
             plus = [x + eps * d if j == i else x for j, x in enumerate(xs)]

@@ -61,6 +61,8 @@ class ResidualOf(nn.Module):
 class QuadraticOf(nn.Module):
     """`L(v, a_1, …) = ½ vᵀ Q v − vᵀ f(a_1, …)` for a `Minimize` condition; stationarity `Q v = f`."""
 
+    Q: torch.Tensor  # a buffer
+
     def __init__(self, Q: torch.Tensor, f: LinearMap) -> None:
         super().__init__()
         self.register_buffer("Q", Q)
@@ -173,7 +175,8 @@ def _problem_graphs(draw: Callable, max_blocks, max_block_size, max_dim, max_inp
     offsets = [sum(dims[:i]) for i in range(n_vars)]
     in_offsets = [sum(input_dims[:k]) for k in range(n_inputs)]
     D, Dx = sum(dims), sum(input_dims)
-    H, T, E, c = torch.zeros(D, D, dtype=torch.float64), torch.zeros(D, D, dtype=torch.float64), torch.zeros(D, Dx, dtype=torch.float64), torch.zeros(D, dtype=torch.float64)
+    zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+    H, T, E, c = zeros(D, D), zeros(D, D), zeros(D, Dx), zeros(D)
 
     def rows(i: int) -> slice:
         return slice(offsets[i], offsets[i] + dims[i])
@@ -205,6 +208,7 @@ def _problem_graphs(draw: Callable, max_blocks, max_block_size, max_dim, max_inp
                 if isinstance(node, Variable):
                     T[rows(i), rows(variables.index(node))] += w
                 else:
+                    assert isinstance(node, Input)
                     k = inputs.index(node)
                     E[rows(i), in_offsets[k] : in_offsets[k] + input_dims[k]] += w
             c[rows(i)] = bias

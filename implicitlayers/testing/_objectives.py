@@ -25,6 +25,8 @@ KINDS = ("quadratic", "logsumexp", "softplus")
 class QuadraticObjective(nn.Module):
     """`L(v, y) = ½ vᵀ A v − yᵀ v` with `A` symmetric positive definite; minimiser `A⁻¹ y`."""
 
+    A: torch.Tensor  # a buffer
+
     def __init__(self, A: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("A", A)
@@ -35,6 +37,8 @@ class QuadraticObjective(nn.Module):
 
 class LogSumExpObjective(nn.Module):
     """`L(v, y) = logsumexp(M v) + μ/2 ‖v − y‖²`."""
+
+    M: torch.Tensor  # a buffer
 
     def __init__(self, M: torch.Tensor, mu: float) -> None:
         super().__init__()
@@ -47,6 +51,8 @@ class LogSumExpObjective(nn.Module):
 
 class SoftplusObjective(nn.Module):
     """`L(v, y) = Σ_i softplus(a_i v_i) + μ/2 ‖v − y‖²`."""
+
+    a: torch.Tensor  # a buffer
 
     def __init__(self, a: torch.Tensor, mu: float) -> None:
         super().__init__()

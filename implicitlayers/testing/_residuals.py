@@ -98,7 +98,7 @@ def condition_residuals(record: Record) -> list[ConditionResidual]:
             cond = problem.conditions[name]
             label = f"{type(cond).__name__}({name}) in {system.name}"
             if name in totals:
-                assert block_residual is not None
+                assert block_residual is not None and isinstance(cond, Minimize)
                 r = block_residual[name]
                 if cond.constraint is not None:
                     r, measure = r / cond.step_size, f"‖total gradient mapping of {name}‖ (with adjoints)"
@@ -107,6 +107,7 @@ def condition_residuals(record: Record) -> list[ConditionResidual]:
             elif cond.is_equation:
                 r, measure = _equation(cond, scope)
             else:
+                assert isinstance(cond, Minimize)  # Maximize is a Minimize of −L
                 r, measure = _stationarity(cond, scope)
             out.append(ConditionResidual(label, measure, _norm(r), _norm(values[name]), system.name))
         if block_residual is not None:

@@ -184,6 +184,7 @@ def _contractive_cells(draw: Callable, kind, dtype, batch_size, linear, max_dim,
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
+    state: tuple[int, ...]
     if kind == "dense":
         d, dx = draw(st.integers(1, max_dim)), draw(st.integers(1, max_dim))
         cell: DenseCell | ConvCell = DenseCell(_spectral_normalised(randn(d, d), factor), randn(d, dx) / dx**0.5, 0.1 * randn(d), linear)
