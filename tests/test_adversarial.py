@@ -224,8 +224,8 @@ def test_oscillating_chaotic_and_repelling_maps_are_solved_or_reported(name, f, 
 
 
 @pytest.mark.parametrize("name", sorted(SOLVERS))
-def test_a_minimize_that_blows_up_is_reported_with_step_size_advice(name):
-    # min −‖v‖² + v·y... unbounded below along every direction; a large step size explodes.
+def test_a_minimize_whose_step_size_is_too_large_is_solved_or_reported_with_step_size_advice(name):
+    # min ‖v − y‖² with step_size 3: the gradient map v ← v − 6(v − y) = −5v + 6y expands (Picard blows up).
     layer = _minimize_layer(lambda v, y: ((v - y) ** 2).sum(1), torch.full((2,), 5.0, dtype=F64), step_size=3.0,
                             solver=SOLVERS[name](tol=1e-10, stop="abs", max_iter=60))
     y = torch.zeros(2, 2, dtype=F64)
@@ -233,9 +233,10 @@ def test_a_minimize_that_blows_up_is_reported_with_step_size_advice(name):
         warnings.simplefilter("always")
         v = layer(y)
     _correct_or_reported(v, y, _info(layer), atol=1e-8)
-    if not _info(layer).all_converged:
-        messages = " ".join(str(w.message) for w in caught if issubclass(w.category, il.ConvergenceWarning))
-        assert "step" in messages and "max_iter" in messages, messages
+    if name == "picard":
+        assert _info(layer).causes == ["diverged", "diverged"]
+        (message,) = [str(w.message) for w in caught if issubclass(w.category, il.ConvergenceWarning)]
+        assert "diverged" in message and "step" in message and "increase max_iter" not in message, message
 
 
 # ============================================================================ huge starts, unbounded problems
@@ -315,10 +316,12 @@ def test_a_minimize_of_small_curvature_is_not_converged_at_its_start():
     reason="Minimize/Maximize solved by Anderson or Broyden (a root of ∇L) return a stationary point that is a strict "
     "local maximum (Minimize) or minimum (Maximize) as converged; nothing checks that the objective went down",
 )
+@pytest.mark.parametrize("maximize", [False, True], ids=["minimize", "maximize"])
 @pytest.mark.parametrize("name", ["anderson", "broyden"])
-def test_minimize_never_reports_a_local_maximum_as_its_solution(name):
-    # The double well (v² − 1)² from 0.1: minima at ±1, a local maximum at 0.
-    layer = _minimize_layer(lambda v, y: ((v**2 - y) ** 2).sum(1), torch.tensor([0.1], dtype=F64),
+def test_minimize_never_reports_a_local_maximum_as_its_solution(name, maximize):
+    # The double well (v² − 1)² from 0.1: minima at ±1, a local maximum at 0 (and the reverse for its negative).
+    sign = -1.0 if maximize else 1.0
+    layer = _minimize_layer(lambda v, y: sign * ((v**2 - y) ** 2).sum(1), torch.tensor([0.1], dtype=F64), maximize=maximize,
                             solver=SOLVERS[name](tol=1e-10, stop="abs", max_iter=200, on_failure="ignore"))
     v = layer(torch.ones(2, 1, dtype=F64))
     _correct_or_reported(v.abs(), torch.ones(2, 1, dtype=F64), _info(layer), atol=1e-6)
@@ -334,6 +337,40 @@ def test_broyden_defaults_solve_a_badly_scaled_diagonal_linear_root():
     d = torch.tensor([1.0, 1e2, 1e4], dtype=F64)
     sol = il.root(lambda z: d * z - 1, torch.zeros(1, 3, dtype=F64), solver=il.Broyden(tol=1e-10, stop="abs", on_failure="ignore"))
     torch.testing.assert_close(sol.value, 1 / d[None], rtol=1e-8, atol=0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a set whose tensor bounds (or centre) do not broadcast against the variable fails inside the solve with "
+    "a bare torch error ('The size of tensor a (3) must match the size of tensor b (2)') that names neither the set, "
+    "the variable nor the shapes",
+)
+@pytest.mark.parametrize("constraint", [il.sets.Box(torch.tensor([0.0, 1.0])), il.sets.L2Ball(1.0, center=torch.zeros(2))],
+                         ids=["box", "l2-ball-centre"])
+def test_a_set_of_the_wrong_width_is_named(constraint):
+    layer = _minimize_layer(lambda v, y: ((v - y) ** 2).sum(1), torch.zeros(3), constraint=constraint)
+    with pytest.raises((ValueError, RuntimeError), match=r"Minimize\(v\)"):
+        layer(torch.ones(2, 3))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("picard", marks=pytest.mark.xfail(strict=True, reason="plain iteration returns the map's dtype "
+                     "(float64) for a float32 start, silently")),
+        "anderson",
+        pytest.param("broyden", marks=pytest.mark.xfail(strict=True, reason="Broyden raises a bare torch error "
+                     "('expected scalar type Double but found Float') that names neither the map nor the dtypes")),
+    ],
+)
+def test_a_map_that_returns_another_dtype_is_solved_in_the_start_dtype_or_refused(name):
+    try:
+        sol = il.fixed_point(lambda z: (0.5 * z + 1).double(), torch.zeros(2, 3), solver=SOLVERS[name](tol=1e-6))
+    except (TypeError, ValueError) as err:
+        assert "dtype" in str(err) or "float" in str(err)
+        return
+    assert sol.value.dtype == torch.float32
+    torch.testing.assert_close(sol.value, torch.full((2, 3), 2.0))
 
 
 # ============================================================================ dtypes and autocast
@@ -485,10 +522,10 @@ def test_outputs_require_grad_exactly_when_something_upstream_does(backward):
     z = layer(a, b)
     assert z.requires_grad
     (g,) = torch.autograd.grad(z.sum(), a)
-    expected = 2 * b if not isinstance(backward, il.Phantom) else None
-    if expected is not None:
-        torch.testing.assert_close(g, expected, rtol=1e-9, atol=1e-9)
-    assert b.grad is None
+    if isinstance(backward, il.Phantom):  # k damped steps from z*: 2b (1 − 0.75ᵏ), not the exact 2b
+        torch.testing.assert_close(g, 2 * b * (1 - 0.75**3), rtol=1e-9, atol=1e-9)
+    else:
+        torch.testing.assert_close(g, 2 * b, rtol=1e-9, atol=1e-9)
 
 
 def test_inference_mode_solves_like_no_grad_and_leaves_grad_mode_usable():
