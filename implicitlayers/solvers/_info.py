@@ -26,7 +26,7 @@ class Status(enum.IntEnum):
     STALLED = 2
     """Its residual stopped decreasing: no new lowest residual in the second half of its steps."""
     DIVERGED = 3
-    """Its residual grew a hundred-million-fold over its lowest, and the loop stopped it."""
+    """Its residual norm grew a hundred-million-fold over its start, and the loop stopped it."""
     NONFINITE = 4
     """Its residual (or the iterate) turned NaN or infinite; it is returned at its best finite iterate."""
 

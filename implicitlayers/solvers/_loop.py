@@ -30,7 +30,7 @@ __all__ = ["ResidualFn", "IterativeState", "iterate", "stopping_measure"]
 ResidualFn = Callable[[torch.Tensor], torch.Tensor]
 
 _REL_EPS = 1e-8
-# A sample whose residual norm grows this much over its lowest is stopped as diverged.
+# A sample whose residual norm grows this much over its start is stopped as diverged.
 _DIVERGED = 1e8
 # A relative residual this many machine epsilons small is at the dtype's floor: a sample stuck there stalled.
 _FLOOR_ULPS = 16
@@ -50,19 +50,24 @@ class IterativeState(Protocol):
 
 
 def _measure(
-    r: torch.Tensor, w: torch.Tensor, rel: bool, r_norm: torch.Tensor | None = None
+    r: torch.Tensor, w: torch.Tensor, rel: bool, r_norm: torch.Tensor | None = None, eps: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample, ‖R(w)‖ and the stopping measure (‖R(w)‖, or ‖R(w)‖ / (‖w‖ + eps)); NaN stays NaN.
 
     Norms are taken in at least float32 (`work_dtype`): in float16 a norm overflows at 256 and the
-    guard `eps` would round to zero, which made every relative test from a zero start infinite.
+    guard `eps` (`max(1e-8, tiny)` of that dtype unless given) would round to zero, which made every
+    relative test from a zero start infinite.
     """
     dtype = work_dtype(r.dtype)
     wide = None if dtype == r.dtype else dtype  # passing the input's own dtype would copy needlessly
-    res = torch.linalg.vector_norm(r, dim=1, dtype=wide) if r_norm is None else r_norm.to(dtype)
+    if r_norm is None:
+        res = torch.linalg.vector_norm(r, dim=1, dtype=wide)
+    else:
+        res = r_norm if r_norm.dtype == dtype else r_norm.to(dtype)
     if not rel:
         return res, res
-    eps = max(_REL_EPS, torch.finfo(dtype).tiny)
+    if eps is None:
+        eps = max(_REL_EPS, torch.finfo(dtype).tiny)
     return res, res / torch.linalg.vector_norm(w, dim=1, dtype=wide).add(eps)
 
 
@@ -118,7 +123,7 @@ def iterate(
     """Drive `R(w) = 0` from `w0` with `solver`, sample by sample.
 
     A sample freezes (its iterate stops changing) once its stopping measure is within `tol`, once its
-    residual turns non-finite, or once its residual norm has grown `1e8`-fold over its lowest
+    residual turns non-finite, or once its residual norm has grown `1e8`-fold over its start
     (diverged); each sample's result therefore does not depend on which other samples share the batch.
 
     The iterate returned for a sample that did not converge is the one of lowest residual *norm*
@@ -136,32 +141,39 @@ def iterate(
 
 def _iterate(solver: Any, fn: _Counted, w0: torch.Tensor, precond: torch.Tensor | None, name: str,
              hints: Mapping[str, str] | None) -> tuple[torch.Tensor, SolveInfo]:
-    """`iterate` with the residual function wrapped (and autocast off for the solver's arithmetic)."""
+    """`iterate` with the residual function wrapped (and autocast off for the solver's arithmetic).
+
+    Per step it tracks only each sample's lowest residual norm (`best_abs`) and its iterate; the
+    stopping measure of the returned iterate is computed once at the end.
+    """
     check_every = solver.check_every or (8 if w0.is_cuda else 1)
     # With a check every step (the CPU default) host-side tests are free, so use them to skip masks.
     eager = check_every == 1
     tol, rel, batch = solver.tol, solver.stop == "rel", w0.shape[0]
+    eps = max(_REL_EPS, torch.finfo(work_dtype(w0.dtype)).tiny) if rel else 0.0
     r0 = fn(w0)
     if r0.shape != w0.shape:
         raise ValueError(f"{name}: the residual has shape {tuple(r0.shape)} but the unknown has shape {tuple(w0.shape)}; they must match.")
     state = solver.init(fn, w0, r0, precond)
-    best_abs, best_res = _measure(r0, w0, rel)
-    bad = ~torch.isfinite(best_res)
-    frozen = (best_res <= tol) | bad
+    best_abs, res = _measure(r0, w0, rel, eps=eps)
+    bad = ~torch.isfinite(res)
+    frozen = (res <= tol) | bad
     status = bad.long() * int(Status.NONFINITE)
-    # The bests hold no NaN from here on, so `res < best` is False for a NaN residual.
+    # best_abs holds no NaN from here on, so `res < best_abs` is False for a NaN residual.
     best_abs = torch.nan_to_num(best_abs, nan=float("inf"))
-    best_res = torch.nan_to_num(best_res, nan=float("inf"))
+    limit = best_abs * _DIVERGED
     best_w = w0
     nstep = torch.zeros(batch, dtype=torch.long, device=w0.device)
     unmasked_steps = 0  # steps in which the host knew that every sample ran (added to nstep at the end)
-    newest_best = torch.zeros_like(nstep)  # the step of each sample's newest lowest residual norm
-    all_improved_at = 0  # ... or the newest step at which every sample improved (a tensor-free record)
-    trace = [best_res.clone()] if solver.trace else None
-    # 0-dim tensors: comparing with a Python float would wrap it into a new tensor every step.
-    tol_t, inf_t = best_res.new_tensor(tol), best_res.new_tensor(float("inf"))
+    # A sample with no new lowest residual since halfway stalled (judged on runs of at least 10 steps).
+    halfway, best_halfway = (solver.max_iter // 2 if solver.max_iter >= 10 else -1), None
+    trace = [torch.nan_to_num(res, nan=float("inf"))] if solver.trace else None
+    # 0-dim tensor: comparing with a Python float would wrap it into a new tensor every step.
+    tol_t = res.new_tensor(tol)
     try:
         for k in range(solver.max_iter):
+            if k == halfway:
+                best_halfway = best_abs  # never written in place: a reference is a snapshot
             mask: torch.Tensor | None = frozen
             if k % check_every == 0:
                 n_frozen = int(frozen.sum())
@@ -170,34 +182,33 @@ def _iterate(solver: Any, fn: _Counted, w0: torch.Tensor, precond: torch.Tensor 
                 if n_frozen == 0:
                     mask = None
             state = solver.step(fn, state, mask)
-            res_abs, res = _measure(state.r, state.w, rel, getattr(state, "r_norm", None))
+            res_abs, res = _measure(state.r, state.w, rel, getattr(state, "r_norm", None), eps)
             improved = res_abs < best_abs  # False for NaN
             if mask is None:
                 unmasked_steps += 1
             else:
                 nstep = nstep + ~frozen
+            within = res <= tol_t
             if eager and bool(improved.all()):  # the common case: every residual finite and lower
-                best_w, best_abs, best_res = state.w, res_abs, res
-                frozen = frozen | (res <= tol_t)
-                all_improved_at = k + 1
+                best_w, best_abs = state.w, res_abs
+                frozen = frozen | within
             else:
-                # An iterate within tol is the answer even where another had a lower norm (the "rel" test).
-                take = improved | (res <= tol_t)
+                # An iterate within tol is the answer even where another had a lower norm (the "rel" test;
+                # with "abs", an unfrozen sample within tol has improved).
+                take = improved | within if rel else improved
                 if eager:  # copying the taken rows is several times cheaper than a row-masked `where` on the CPU
                     rows = take.nonzero()[:, 0]
                     best_w = best_w.index_copy(0, rows, state.w.index_select(0, rows))
                 else:
                     best_w = torch.where(take[:, None], state.w, best_w)
                 best_abs = torch.where(take, res_abs, best_abs)
-                best_res = torch.where(take, res, best_res)
-                newest_best = torch.where(improved, k + 1, newest_best)
-                nonfinite = ~(res_abs < inf_t)
-                diverged = res_abs > best_abs * _DIVERGED
-                ended = (nonfinite | diverged) & ~frozen
+                # Non-finite, or grown 1e8-fold over its start: the sample ends here (NaN compares False).
+                ended = ~(res_abs <= limit)
                 if not eager or bool(ended.any()):
-                    code = torch.where(nonfinite, int(Status.NONFINITE), int(Status.DIVERGED))
-                    status = torch.where(ended, code, status)
-                frozen = frozen | (best_res <= tol_t) | nonfinite | diverged
+                    code = torch.where(torch.isfinite(res_abs), int(Status.DIVERGED), int(Status.NONFINITE))
+                    status = torch.where(ended & ~frozen, code, status)
+                    frozen = frozen | ended
+                frozen = frozen | within
             if trace is not None:
                 trace.append(torch.nan_to_num(res, nan=float("inf")))
     finally:
@@ -205,25 +216,32 @@ def _iterate(solver: Any, fn: _Counted, w0: torch.Tensor, precond: torch.Tensor 
     if best_w is w0:  # never hand the caller's tensor back as the solution
         best_w = w0.clone()
     nstep = nstep + unmasked_steps
-    # A relative measure is 0 at an infinite iterate: only a finite iterate can have converged.
-    converged = (best_res <= tol) & torch.isfinite(best_w).all(1)
-    # A residual within a few rounding errors of the iterate cannot fall further in this dtype.
-    rel_best = best_res if rel else _measure(best_w, best_w, True, best_abs)[1]
-    at_floor = rel_best <= _FLOOR_ULPS * torch.finfo(w0.dtype).eps
-    status = _final_status(status, converged, nstep, torch.clamp(newest_best, min=all_improved_at), at_floor)
+    with torch.no_grad():
+        best_res, w_norm = _returned_measure(best_w, best_abs, rel, eps)
+        # A relative measure is 0 at an infinite iterate: only a finite iterate can have converged.
+        converged = (best_res <= tol) & torch.isfinite(w_norm)
+        if not bool(converged.all()):  # (else every status is CONVERGED already)
+            # A relative residual within a few rounding errors cannot fall further in this dtype.
+            at_floor = best_abs <= (_FLOOR_ULPS * torch.finfo(w0.dtype).eps) * w_norm
+            no_progress = torch.zeros_like(converged) if best_halfway is None else best_abs >= best_halfway
+            status = _final_status(status, converged, at_floor | no_progress, torch.isfinite(w_norm))
     info = SolveInfo(nstep=nstep, residual=best_res, converged=converged, nfe=fn.count, trace=trace, status=status)
     apply_failure_policy(info, name=name, tol=tol, max_iter=solver.max_iter, on_failure=solver.on_failure, hints=hints)
     return best_w, info
 
 
-def _final_status(
-    status: torch.Tensor, converged: torch.Tensor, nstep: torch.Tensor, newest_best: torch.Tensor, at_floor: torch.Tensor
-) -> torch.Tensor:
-    """Why each sample ended: converged, else the cause the loop saw (non-finite, diverged), else
-    stalled (its residual is at the dtype's rounding floor, or it found no new lowest residual in the
-    second half of its steps, at least 5), else the iteration cap."""
-    stalled = at_floor | ((nstep - newest_best) >= torch.clamp(nstep // 2, min=5))
+def _returned_measure(w: torch.Tensor, r_norm: torch.Tensor, rel: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stopping measure of the returned iterates (non-finite → inf), and their norms."""
+    w_norm = torch.linalg.vector_norm(w, dim=1, dtype=None if work_dtype(w.dtype) == w.dtype else work_dtype(w.dtype))
+    res = r_norm / (w_norm + eps) if rel else r_norm
+    return torch.nan_to_num(res, nan=float("inf")), w_norm
+
+
+def _final_status(status: torch.Tensor, converged: torch.Tensor, stalled: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """Why each sample ended: converged; else an infinite iterate or the cause the loop saw (non-finite,
+    diverged); else stalled (at the dtype's rounding floor, or no new lowest residual in the second
+    half of the iterations); else the iteration cap."""
     open_ = torch.where(stalled, int(Status.STALLED), int(Status.MAX_ITER))
     status = torch.where(status == int(Status.CONVERGED), open_, status)
-    status = torch.where(converged, int(Status.CONVERGED), status)
-    return torch.where(~converged & (status == int(Status.CONVERGED)), int(Status.NONFINITE), status)
+    status = torch.where(finite, status, int(Status.NONFINITE))
+    return torch.where(converged, int(Status.CONVERGED), status)

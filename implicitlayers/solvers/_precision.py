@@ -23,7 +23,7 @@ def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     dtype = work_dtype(a.dtype)
     if dtype != a.dtype:  # a float16 product overflows at 256²: widen first
         a, b = a.to(dtype), b.to(dtype)
-    return (a * b).sum(1)
+    return torch.linalg.vecdot(a, b)
 
 
 def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -104,7 +104,8 @@ class Anderson(IterativeSolver):
             hist = s.hist
             # (B, 1, n); n == 1 is the plain damped step
             alpha = hist.ones[1].mT if n == 1 else self._weights_buffered(s, n)
-            alpha = alpha.to(s.w.dtype)  # the small system is solved in float32 for half precision
+            if alpha.dtype != s.w.dtype:  # the small system is solved in float32 for half precision
+                alpha = alpha.to(s.w.dtype)
             if frozen is None:
                 w = torch.bmm(alpha, hist.Y_first[n]).squeeze(1)
             else:

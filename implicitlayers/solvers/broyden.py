@@ -72,14 +72,16 @@ class Broyden(IterativeSolver):
     def init(self, fn, w, r, precond):
         # Under autograd (Unroll) in-place buffer writes would break the graph, so keep lists then.
         s = SimpleNamespace(w=w, r=r, precond=precond, count=0, n=0, grad=torch.is_grad_enabled())
-        s.r_norm = s.lowest = torch.linalg.vector_norm(r, dim=1)
+        s.r_norm = torch.linalg.vector_norm(r, dim=1)
+        s.limit = _GROWTH * s.r_norm  # a trial above this residual norm is rejected
         s.Hr = self._h0(precond, r)
         s.scale = None  # per-sample step factor after rejections; None while no sample was rejected
         if s.grad:
             s.Z, s.Y = [], []
         else:
             s.pairs = _workspace.take(_Pairs, w, self.memory)
-            s.coeff = s.pairs.N.new_zeros(w.shape[0], 0)  # yᵢᵀ R(w) for the kept pairs, by slot
+            s.pairs.N_inv.zero_()  # its strictly lower triangle must read as zeros
+            s.coeff = s.pairs.N_inv.new_zeros(w.shape[0], 0)  # yᵢᵀ R(w) for the kept pairs, by slot
         return s
 
     def release(self, s) -> None:
@@ -101,17 +103,22 @@ class Broyden(IterativeSolver):
         r_trial = fn(trial)
         if self.line_search:
             trial, r_trial = self._backtrack(fn, s, direction, trial, r_trial)
-        step, y = trial - s.w, r_trial - s.r
-        yy = dot(y, y)
-        # A pair carries information unless the sample did not move (frozen) or its residual is not finite.
-        keep = torch.isfinite(yy) & (yy > 0)
+            step = trial - s.w
+        else:
+            step = direction
+        # y goes straight into its slot (when the memory is full, the slot of the pair about to leave).
+        slot = None if s.grad else (s.count % self.memory if s.n == self.memory else s.n)
+        y = torch.sub(r_trial, s.r, out=None if slot is None else s.pairs.Y_slot[slot])
         r_norm = torch.linalg.vector_norm(r_trial, dim=1)
-        rejected = ~(r_norm <= _GROWTH * s.lowest)  # also NaN
+        accepted = r_norm <= s.limit  # False for NaN
         # On the CPU the host test is free; elsewhere (and under autograd) the masks are always applied.
-        any_rejected = s.grad or not trial.is_cpu or bool(rejected.any())
+        any_rejected = s.grad or not trial.is_cpu or not bool(accepted.all())
+        keep = rejected = None  # which pairs to keep: all, unless a trial was rejected (a non-finite y is dropped)
         if any_rejected:
+            rejected = ~accepted
             # A rejected sample stays where it was but keeps the pair (when finite): its next step is the
             # secant step from there, which knows how steeply R grew, shortened by `_SHRINK`.
+            keep = torch.isfinite(r_norm)
             w = torch.where(rejected[:, None], s.w, trial)
             r = torch.where(rejected[:, None], s.r, r_trial)
             r_norm = torch.where(rejected, s.r_norm, r_norm)
@@ -122,67 +129,80 @@ class Broyden(IterativeSolver):
         # Restart once, as the step factor crosses `_RESTART`; then keep shortening the step from H₀.
         restart = None if s.scale is None else (s.scale < _RESTART) & (s.scale >= _RESTART * _SHRINK)
         if s.grad:
-            self._record_unrolled(s, step, y, r_trial, r, keep, restart)
+            self._record_unrolled(s, step, y, r, keep, restart)
         else:
-            self._record(s, step, y, r_trial, r, keep, rejected if any_rejected else None, restart)
+            self._record(s, slot, step, y, r_trial, r, keep, rejected, restart)
         s.count += 1
         s.w, s.r, s.r_norm = w, r, r_norm
-        s.lowest = torch.minimum(s.lowest, r_norm)
+        s.limit = torch.minimum(s.limit, _GROWTH * r_norm)
         return s
 
-    def _record(self, s, step, y, r_trial, r, keep, rejected, restart) -> None:
-        """Keep the pair `(step, y)` in the buffers and compute the next `H r` (two passes over the pairs).
+    def _record(self, s, slot, step, y, r_trial, r, keep, rejected, restart) -> None:
+        """Keep the pair `(step, y)` (`y` is already in its slot) and compute the next `H r`: two passes
+        over the pairs and two small products with the inverse triangle.
 
-        Slots are circular; `N` is kept in chronological order (oldest first), so when the memory is
-        full the slot coefficients are rolled by the oldest slot's index before the triangular solve.
-        `s.coeff` holds `yᵢᵀ R(w)` for the kept pairs at the current point, by slot.
+        Slots are circular; the triangle is kept in chronological order (oldest first), so when the
+        memory is full the slot coefficients are rolled by the oldest slot's index. The buffers hold
+        `N⁻¹` rather than `N`: appending a column costs one small product, `[[N, b], [0, d]]⁻¹ =
+        [[N⁻¹, −N⁻¹b/d], [0, 1/d]]`, dropping the oldest pair keeps the trailing block (the inverse
+        of a trailing block of a triangular matrix is the trailing block of its inverse), and `N⁻¹ a`
+        is a plain batched product (a triangular solve on a slice of the buffer copies it first).
+        `s.coeff` holds `yᵢᵀ R(w)` at the current point, by slot.
         """
         pairs, n, m = s.pairs, s.n, self.memory
-        wd = pairs.N.dtype
+        inv = pairs.N_inv
+        if keep is not None:  # a non-finite y carries nothing
+            y = torch.where(keep[:, None], y, y.new_zeros(()), out=y)
         coeff = bmm(r_trial[:, None], pairs.Y_first[n].mT)[:, 0]  # yᵢᵀ R(trial), by slot
-        col = torch.where(keep[:, None], coeff - s.coeff, 0.0)  # yᵢᵀ y
+        col = coeff - s.coeff  # yᵢᵀ y
+        if keep is not None:
+            col = torch.where(keep[:, None], col, 0.0)
         if rejected is not None:  # a rejected sample's point, hence its coefficients, did not change
             coeff = torch.where(rejected[:, None], s.coeff, coeff)
-        if n == m:  # the oldest pair leaves its slot to the new one: shift the chronological triangle up-left
-            slot = s.count % m
+        if n == m:  # the oldest pair leaves its slot to the new one: keep the trailing block
             col = torch.roll(col, -slot, 1)[:, 1:]
-            pairs.N[:, :-1, :-1] = pairs.N[:, 1:, 1:].clone()
+            inv[:, :-1, :-1] = inv[:, 1:, 1:].clone()
             row = m - 1
         else:
-            slot = row = n
-            coeff = torch.cat([coeff, coeff.new_zeros(coeff.shape[0], 1)], 1)
-        zero = y.new_zeros(())
-        y = torch.where(keep[:, None], y, zero, out=pairs.Y_slot[slot])
-        torch.where(keep[:, None], step - self._h0(s.precond, y), zero, out=pairs.Z_slot[slot])
-        pairs.N[:, :row, row] = col
-        pairs.N[:, row, :row] = 0
-        pairs.N[:, row, row] = torch.where(keep, dot(y, y), 1.0)  # a pair not kept: an identity row
+            row = n
+            coeff = torch.cat((coeff, pairs.zero_column), 1)
+        torch.sub(step, self._h0(s.precond, y), out=pairs.Z_slot[slot])
+        # 1 / yᵀy, with yᵀy floored so that a pair with y = 0 (a frozen sample) drops out
+        inv_d = dot(y, y).clamp_min_(torch.finfo(inv.dtype).tiny).reciprocal_()
+        if row:
+            torch.mul(torch.bmm(pairs.N_inv_first[row], col[:, :, None])[:, :, 0], inv_d.neg()[:, None],
+                      out=pairs.N_inv_column[row])
+        pairs.N_inv_diagonal[row].copy_(inv_d)
         coeff[:, slot] = dot(y, r)
         n = row + 1
         if restart is not None and (not y.is_cpu or bool(restart.any())):  # masks, not indexing: no sync
             held = (~restart).to(y.dtype)[:, None, None]
             pairs.Y.mul_(held)
             pairs.Z.mul_(held)
-            pairs.N.copy_(torch.where(restart[:, None, None], torch.eye(m, dtype=wd, device=y.device), pairs.N))
+            inv.copy_(torch.where(restart[:, None, None], torch.eye(m, dtype=inv.dtype, device=y.device), inv))
             coeff = torch.where(restart[:, None], 0.0, coeff)
         s.coeff, s.n = coeff, n
         oldest = (s.count + 1) % m if n == m else 0
         c = torch.roll(coeff, -oldest, 1) if oldest else coeff
-        c = torch.linalg.solve_triangular(pairs.N[:, :n, :n], c[:, :, None], upper=True)[:, :, 0]
+        c = torch.bmm(pairs.N_inv_first[n], c[:, :, None])[:, :, 0]
         c = torch.roll(c, oldest, 1) if oldest else c
-        s.Hr = torch.baddbmm(self._h0(s.precond, r)[:, None], c.to(r.dtype)[:, None], pairs.Z_first[n])[:, 0]
+        if c.dtype != r.dtype:
+            c = c.to(r.dtype)
+        s.Hr = torch.baddbmm(self._h0(s.precond, r)[:, None], c[:, None], pairs.Z_first[n])[:, 0]
 
-    def _record_unrolled(self, s, step, y, r_trial, r, keep, restart) -> None:
+    def _record_unrolled(self, s, step, y, r, keep, restart) -> None:
         """The same update under autograd, from lists and without in-place writes (for `Unroll`)."""
-        y = torch.where(keep[:, None], y, 0.0)
+        if keep is not None:
+            y = torch.where(keep[:, None], y, 0.0)
+            step = torch.where(keep[:, None], step, 0.0)
         s.Y = (s.Y + [y])[-self.memory :]
-        s.Z = (s.Z + [torch.where(keep[:, None], step - self._h0(s.precond, y), 0.0)])[-self.memory :]
+        s.Z = (s.Z + [step - self._h0(s.precond, y)])[-self.memory :]
         if restart is not None:
             s.Y = [torch.where(restart[:, None], 0.0, v) for v in s.Y]
             s.Z = [torch.where(restart[:, None], 0.0, v) for v in s.Z]
         Y, Z = torch.stack(s.Y, 1), torch.stack(s.Z, 1)
         N = torch.triu(bmm(Y, Y.mT))
-        unused = torch.diagonal(N, dim1=1, dim2=2) == 0  # a pair not kept: make it an identity row
+        unused = torch.diagonal(N, dim1=1, dim2=2) == 0  # a pair that carries nothing: an identity row
         N = N + torch.diag_embed(unused.to(N.dtype))
         c = torch.linalg.solve_triangular(N, bmm(Y, r[:, :, None]), upper=True).to(r.dtype)
         s.n = len(s.Y)
@@ -204,20 +224,23 @@ class Broyden(IterativeSolver):
 
 
 class _Pairs:
-    """Broyden's `(B, memory, D)` pairs by circular slot (`Z = S − H₀ Y` and `Y`), the chronological
-    `(B, memory, memory)` triangle `N`, and the views a step uses, made once.
+    """Broyden's `(B, memory, D)` pairs by circular slot (`Z = S − H₀ Y` and `Y`), the inverse `N⁻¹`
+    of the chronological `(B, memory, memory)` triangle, and the views a step uses, made once.
 
-    Slots beyond the filled ones are never read, so nothing needs zeroing, and the object can serve
-    one solve after another (`_workspace`). `N` is kept in at least float32.
+    Slots beyond the filled ones are never read, so only `N⁻¹` is zeroed (once per solve), and the
+    object can serve one solve after another (`_workspace`). `N⁻¹` is kept in at least float32.
     """
 
     def __init__(self, like: torch.Tensor, memory: int) -> None:
         batch, dim = like.shape
-        wd = work_dtype(like.dtype)
         self.Z = like.new_empty(batch, memory, dim)
         self.Y = like.new_empty(batch, memory, dim)
-        self.N = torch.zeros(batch, memory, memory, dtype=wd, device=like.device)
-        self.nbytes = self.Z.nbytes + self.Y.nbytes + self.N.nbytes
+        self.N_inv = torch.zeros(batch, memory, memory, dtype=work_dtype(like.dtype), device=like.device)
+        self.nbytes = self.Z.nbytes + self.Y.nbytes + self.N_inv.nbytes
         self.Z_first = [self.Z[:, :n] for n in range(memory + 1)]
         self.Y_first = [self.Y[:, :n] for n in range(memory + 1)]
+        self.N_inv_first = [self.N_inv[:, :n, :n] for n in range(memory + 1)]
+        self.N_inv_column = [self.N_inv[:, :n, n] for n in range(memory)]  # above the diagonal
+        self.N_inv_diagonal = [self.N_inv[:, n, n] for n in range(memory)]
+        self.zero_column = self.N_inv.new_zeros(batch, 1)
         self.Z_slot, self.Y_slot = self.Z.unbind(1), self.Y.unbind(1)
