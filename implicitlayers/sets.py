@@ -53,6 +53,23 @@ class ConstraintSet:
         """
         return v - self.project(v - step)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The set's tensor-valued parameters by name (bounds, centres), for shape checks."""
+        return {f.name: v for f in dataclasses.fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)}  # type: ignore[arg-type]
+
+    def check_shape(self, shape: tuple[int, ...], owner: str) -> None:
+        """Raise a `ValueError` naming `owner` when a tensor parameter does not broadcast to one sample of `shape`."""
+        for name, t in self.tensors().items():
+            try:
+                ok = torch.broadcast_shapes(tuple(t.shape), shape) == tuple(shape)
+            except RuntimeError:
+                ok = False
+            if not ok:
+                raise ValueError(
+                    f"{owner}: the {type(self).__name__}'s {name} has shape {tuple(t.shape)}, which does not broadcast to one "
+                    f"sample of the variable, shape {tuple(shape)}; give it that shape (or one that broadcasts to it)."
+                )
+
     def contains(self, v: torch.Tensor, atol: float = 1e-6) -> torch.Tensor:
         """Per-sample `(B,)` bool: whether each sample lies in the set (up to `atol`)."""
         gap = (v - self.project(v)).reshape(v.shape[0], -1).abs().amax(1)

@@ -71,6 +71,8 @@ class BlockSystem:
 
         for cond in self.conditions:
             name = cond.variable.name
+            if isinstance(cond, Minimize) and cond.constraint is not None:
+                cond.constraint.check_shape(tuple(shapes[name]), f"{type(cond).__name__}({name}) in {self.name}")
             if isinstance(cond, Minimize):
                 damping = 1.0 if cond.constraint is not None else cond.step_size
             else:
@@ -244,6 +246,12 @@ class BlockSystem:
         name = cond.variable.name
         out = self._call(cond, scope)
         target = scope[name]
+        if isinstance(out, torch.Tensor) and out.dtype != target.dtype and not torch.is_autocast_enabled(target.device.type):
+            raise TypeError(
+                f"{type(cond).__name__}({name}) in {self.name}: the function returned {out.dtype} but {name} is "
+                f"{target.dtype} (its start's dtype, taken from the inputs); return {target.dtype} (cast inside the "
+                "function, or give inputs and parameters one dtype)."
+            )
         if not isinstance(out, torch.Tensor) or out.shape != target.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(

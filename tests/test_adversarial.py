@@ -339,12 +339,6 @@ def test_broyden_defaults_solve_a_badly_scaled_diagonal_linear_root():
     torch.testing.assert_close(sol.value, 1 / d[None], rtol=1e-8, atol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a set whose tensor bounds (or centre) do not broadcast against the variable fails inside the solve with "
-    "a bare torch error ('The size of tensor a (3) must match the size of tensor b (2)') that names neither the set, "
-    "the variable nor the shapes",
-)
 @pytest.mark.parametrize("constraint", [il.sets.Box(torch.tensor([0.0, 1.0])), il.sets.L2Ball(1.0, center=torch.zeros(2))],
                          ids=["box", "l2-ball-centre"])
 def test_a_set_of_the_wrong_width_is_named(constraint):
