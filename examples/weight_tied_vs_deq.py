@@ -1,6 +1,6 @@
 """Weight-tied models with distinct sparse masks against DEQs on scikit-learn's digits, at equal parameter counts.
 
-Run: `python examples/weight_tied_vs_deq.py [--epochs 15] [--hidden 128] [--seeds 0 1 2] [--sweep] [--out outputs/] [--fast]`
+Run: `python examples/weight_tied_vs_deq.py [--epochs 15] [--hidden 128] [--cell mlp|conv] [--seeds 0 1 2] [--sweep] [--out outputs/] [--fast]`
 
 Every model is `x ↦ head(body(U x + b))` around the same cell `f(z, u) = tanh(W z + u)` (a `Linear(hidden,
 hidden)` without bias), from the same initialisation for a given seed, so all of them have exactly
@@ -18,7 +18,9 @@ It prints, per model, the held-out test accuracy (fixed split: 25 % test, `rando
 mean solver iterations per test sample; L for weight-tied models) and the DEQ's non-convergence rate
 (fraction of test samples whose forward solve missed the tolerance after training). `--sweep` also
 trains weight-tied models over depth × width × density for the guideline table. Plots and a JSON of
-all numbers go to `--out`. `--fast` runs a tiny version (subset, two epochs, one seed) for the tests.
+all numbers go to `--out`. `--cell conv` swaps the dense cell for a 3×3 convolution cell on the 8×8
+image (`--hidden` channels), so the masks act on a convolution kernel. `--fast` runs a tiny
+version (subset, two epochs, one seed) for the tests.
 
 Measured with the defaults and `--sweep` (one thread, shared 2-core CPU, about 16 minutes; the full
 tables are in `docs/tutorials/weight_tied.md`), test accuracy over seeds 0 / 1 / 2: DEQ (IFT)
@@ -76,28 +78,52 @@ COMPARISON = [
 ]
 
 
-class Classifier(torch.nn.Module):
-    """Injection, body (DEQ or weight-tied, per `spec`) and head; the parameters do not depend on `spec`."""
+class ConvCell(torch.nn.Module):
+    """`f(z, u) = tanh(K * z + u)` on `(B, channels, 8, 8)` maps: a 3×3 convolution without bias."""
 
-    def __init__(self, spec: Spec, hidden: int, seed: int) -> None:
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.mul_(0.5)  # a gentler start than PyTorch's default, as for the dense cell
+
+    def forward(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.conv(z) + u)
+
+
+class Classifier(torch.nn.Module):
+    """Injection, body (DEQ or weight-tied, per `spec`) and head; the parameters do not depend on `spec`.
+
+    `cell="mlp"`: `u = U x + b` (64 → hidden), the dense `TanhCell`, a linear head. `cell="conv"`: the
+    image as one 8×8 channel, `u` = a 3×3 convolution to `hidden` channels, the `ConvCell`, a linear
+    head on the flattened map.
+    """
+
+    def __init__(self, spec: Spec, hidden: int, seed: int, cell: str = "mlp") -> None:
         super().__init__()
         torch.manual_seed(seed)  # the same initial parameters for every spec
-        self.inject = torch.nn.Linear(64, hidden)
-        cell = TanhCell(hidden)
-        self.head = torch.nn.Linear(hidden, 10)
+        self.images = cell == "conv"
+        if self.images:
+            self.inject: torch.nn.Module = torch.nn.Conv2d(1, hidden, 3, padding=1)
+            block: torch.nn.Module = ConvCell(hidden)
+            self.head = torch.nn.Linear(hidden * 64, 10)
+        else:
+            self.inject = torch.nn.Linear(64, hidden)
+            block = TanhCell(hidden)
+            self.head = torch.nn.Linear(hidden, 10)
         if spec.depth is None:
             # on_failure="ignore": an unregularised DEQ can hit the iteration cap; the rate is reported instead.
             solver = il.Anderson(m=5, tol=1e-4, max_iter=50, on_failure="ignore")
             backward = il.IFT(on_failure="ignore") if spec.backward == "ift" else il.Phantom(k=5, damping=0.5)
-            self.body: torch.nn.Module = il.DEQ(cell, solver=solver, backward=backward)
+            self.body: torch.nn.Module = il.DEQ(block, solver=solver, backward=backward)
         elif spec.density < 1:
-            self.body = WeightTied(cell, spec.depth, masks="random", density=spec.density, seed=seed)
+            self.body = WeightTied(block, spec.depth, masks="random", density=spec.density, seed=seed)
         else:
-            self.body = WeightTied(cell, spec.depth)
+            self.body = WeightTied(block, spec.depth)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The body's output state for the images `x`."""
-        return self.body(self.inject(x))
+        """The body's output state for the images `x` (flattened per sample)."""
+        return self.body(self.inject(x.view(-1, 1, 8, 8) if self.images else x)).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -114,10 +140,10 @@ def evaluate(model: Classifier, x: torch.Tensor, y: torch.Tensor) -> tuple[float
     return accuracy, float(model.body.depth), 0.0
 
 
-def train(spec: Spec, data: tuple[torch.Tensor, ...], *, hidden: int, epochs: int, batch_size: int, lr: float, seed: int) -> dict:
+def train(spec: Spec, data: tuple[torch.Tensor, ...], *, hidden: int, epochs: int, batch_size: int, lr: float, seed: int, cell: str = "mlp") -> dict:
     """One training run (Adam, cosine schedule); returns the test accuracy per epoch and the final metrics."""
     x_train, y_train, x_test, y_test = data
-    model = Classifier(spec, hidden, seed)
+    model = Classifier(spec, hidden, seed, cell)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * -(-len(x_train) // batch_size))
     generator = torch.Generator().manual_seed(seed)
@@ -233,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Train, print and plot; returns `{"comparison": ..., "sweep": ... or None, "plots": [paths]}`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=128, help="state width (channels with --cell conv)")
+    parser.add_argument("--cell", choices=["mlp", "conv"], default="mlp", help="dense cell on the flat image, or a 3x3 conv cell on the 8x8 map")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -259,21 +286,22 @@ def _run(args: argparse.Namespace) -> dict:
         args.epochs, args.hidden, args.seeds = 2, 16, [0]
         args.depths, args.widths, args.densities = [2, 4], [16], [0.5, 1.0]
     data = load_data(args.fast)
-    options = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seeds=args.seeds, progress=not args.no_progress)
+    options = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seeds=args.seeds, progress=not args.no_progress, cell=args.cell)
     args.out.mkdir(parents=True, exist_ok=True)
+    prefix = "weight_tied_" if args.cell == "mlp" else "weight_tied_conv_"
     comparison = run_all([(spec, args.hidden) for spec in COMPARISON], data, desc="comparison", **options)
     print_comparison(comparison, args.hidden)
-    plots = [args.out / "weight_tied_comparison.png"]
+    plots = [args.out / f"{prefix}comparison.png"]
     plot_comparison(comparison, args.hidden, plots[0])
     sweep = None
     if args.sweep:
         grid = [(Spec(depth=depth, density=d), width) for depth in args.depths for width in args.widths for d in args.densities]
         sweep = run_all(grid, data, desc="sweep", **options)
         print_sweep(sweep, args.depths, args.widths, args.densities)
-        plots.append(args.out / "weight_tied_sweep.png")
+        plots.append(args.out / f"{prefix}sweep.png")
         plot_sweep(sweep, args.depths, args.widths, args.densities, plots[-1])
     record = {"settings": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()}, "comparison": comparison, "sweep": sweep}
-    (args.out / "weight_tied_vs_deq.json").write_text(json.dumps(record, indent=1))
+    (args.out / f"{prefix}vs_deq.json").write_text(json.dumps(record, indent=1))
     print("saved " + ", ".join(map(str, plots)))
     return {"comparison": comparison, "sweep": sweep, "plots": plots}
 

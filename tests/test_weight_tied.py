@@ -346,3 +346,13 @@ def test_the_benchmark_times_the_masked_kernels_and_the_training_steps_in_fast_m
     assert steps["WT L=16"]["nfe"] == 16 and steps["DEQ (IFT)"]["nfe"] >= 1
     # Unrolling keeps every step's activations: more depth, more saved memory.
     assert steps["WT L=16"]["saved"] > steps["WT L=4"]["saved"]
+
+
+def test_the_example_conv_models_mask_the_convolution_kernel_and_keep_equal_parameters():
+    module = _load(ROOT / "examples" / "weight_tied_vs_deq.py")
+    masked = module.Classifier(module.Spec(depth=3, density=0.5), 4, seed=0, cell="conv")
+    deq = module.Classifier(module.Spec(), 4, seed=0, cell="conv")
+    assert set(masked.body.mask(0)) == {"conv"} and masked.body.mask(0)["conv"].shape == (4, 4, 3, 3)
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    assert count(masked) == count(deq)
+    assert masked(torch.rand(5, 64)).shape == (5, 10) and deq(torch.rand(5, 64)).shape == (5, 10)
