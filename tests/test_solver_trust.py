@@ -232,6 +232,14 @@ def test_broyden_rejects_a_step_that_blows_up_and_recovers():
     torch.testing.assert_close(sol.value, a ** (1 / 3), rtol=1e-10, atol=0)
 
 
+def test_broyden_solves_a_badly_scaled_diagonal_linear_root():
+    # diag(1, 1e2, 1e4) z = 1 from 0: the first steps grow the residual ~6000-fold and are rejected;
+    # each rejection in a row loosens the limit, so the secant steps get through.
+    d = torch.tensor([1.0, 1e2, 1e4], dtype=F64)
+    sol = il.root(lambda z: d * z - 1, torch.zeros(1, 3, dtype=F64), solver=il.Broyden(tol=1e-10, stop="abs"))
+    torch.testing.assert_close(sol.value, 1 / d[None], rtol=1e-8, atol=0)
+
+
 def test_broyden_survives_a_map_that_returns_nan_off_its_domain():
     # sqrt is NaN below 0: a step that lands there is rejected and retried shorter, not failed.
     c = torch.tensor([[4.0, 9.0], [0.25, 1.0]], dtype=F64)
