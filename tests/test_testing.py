@@ -136,7 +136,7 @@ def test_check_gradients_leaves_the_layer_untouched(x):
         check_gradients(layer, x[:2])
     assert layer.solver == il.Anderson(tol=1e-6, max_iter=100) and layer.backward_mode == il.Phantom(k=1)
     assert all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in layer.named_parameters())
-    assert ImplicitLayer.solve is original_solve  # the temporary recording wrapper is gone
+    assert ImplicitLayer.solve is original_solve  # the checks use the public hook, never a patched class
 
 
 def test_check_gradients_explains_tensors_captured_in_closures(x):
