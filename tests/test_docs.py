@@ -38,9 +38,11 @@ DOCS = ROOT / "docs"
 BLOCK = re.compile(r"^[ \t]*```python\n(.*?)^[ \t]*```", re.DOTALL | re.MULTILINE)
 PAGES = sorted(p for p in [*DOCS.rglob("*.md"), ROOT / "README.md"] if BLOCK.search(p.read_text(encoding="utf-8")))
 
-# Dynamo reads `.grad` of non-leaf tensors while it wraps them (a torch-internal warning, raised while
-# the compatibility page compiles a model).
+# Torch-internal warnings raised while the compatibility page runs: Dynamo reads `.grad` of non-leaf
+# tensors while it wraps them (compiling a model), and forward-mode AD's first use scripts a helper
+# with the deprecated `torch.jit.script` (torch.func.jvp).
 DYNAMO_GRAD_WARNING = "ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning"
+JIT_SCRIPT_WARNING = "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
 
 
 def _run(blocks: list[str], where: str) -> None:
@@ -52,6 +54,7 @@ def _run(blocks: list[str], where: str) -> None:
 
 # ------------------------------------------------------------------------------------- pages
 @pytest.mark.filterwarnings(DYNAMO_GRAD_WARNING)
+@pytest.mark.filterwarnings(JIT_SCRIPT_WARNING)
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
 def test_page_code_runs(page: pathlib.Path, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
