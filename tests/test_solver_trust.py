@@ -84,6 +84,29 @@ def test_half_precision_from_a_zero_start_iterates_to_the_solution(name, dtype):
     assert float(error.max()) < 0.1
 
 
+_TOL = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    name=st.sampled_from(sorted(SOLVERS)),
+    dtype=st.sampled_from(sorted(_TOL, key=str)),
+    batch=st.integers(1, 4),
+    dim=st.integers(1, 10),
+    norm=st.floats(0.0, 0.6),
+    seed=st.integers(0, 2**16),
+)
+def test_every_solver_and_dtype_reaches_the_fixed_point_of_a_contraction(name, dtype, batch, dim, norm, seed):
+    # Property: on z = A z + b with ‖A‖ ≤ 0.6 every solver converges, in every floating dtype, to
+    # (I − A)⁻¹ b within what the tolerance and the dtype allow (‖(I − A)⁻¹‖ ≤ 2.5).
+    f, exact = _linear_map(batch, dim, dtype, seed, norm=norm)
+    tol = _TOL[dtype]
+    sol = il.fixed_point(f, torch.zeros(batch, dim, dtype=dtype), solver=SOLVERS[name](tol=tol, max_iter=200))
+    assert sol.info.causes == ["converged"] * batch and sol.value.dtype == dtype
+    error = (sol.value.double() - exact).norm(dim=1) / exact.norm(dim=1).clamp_min(1e-3)
+    assert float(error.max()) <= 2.5 * tol + 20 * torch.finfo(dtype).eps
+
+
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "unrolled"])
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_solvers_run_under_autocast(name, grad):
