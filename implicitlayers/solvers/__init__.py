@@ -8,10 +8,10 @@ from ._functional import root as root
 from ._info import SolveInfo as SolveInfo
 from ._info import Status as Status
 from ._info import apply_failure_policy as apply_failure_policy
+from ._workspace import clear_workspace as clear_workspace
+from ._workspace import set_workspace_limit as set_workspace_limit
+from ._workspace import workspace_bytes as workspace_bytes
 from .anderson import Anderson as Anderson
 from .broyden import Broyden as Broyden
 from .fixed_point_iteration import FixedPointIteration as FixedPointIteration
 from .scipy_root import ScipyRoot as ScipyRoot
-from ._workspace import clear_workspace as clear_workspace
-from ._workspace import set_workspace_limit as set_workspace_limit
-from ._workspace import workspace_bytes as workspace_bytes
