@@ -58,6 +58,7 @@ def _run(blocks: list[str], where: str) -> None:
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
 def test_page_code_runs(page: pathlib.Path, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(ROOT))  # pages import the examples' helpers (`from examples.jiio_digits import ...`)
     _run(BLOCK.findall(page.read_text(encoding="utf-8")), str(page))
 
 
