@@ -444,7 +444,14 @@ def test_deployment_engine_runs_the_app_on_localhost_processes(tmp_path) -> None
              "--run-config", f'num-server-rounds=1 fraction-evaluate=0.0 results-path="{results}"'],
             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
         )
-        assert results.exists(), f"no results; flwr run said:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+        # `flwr run --stream` can return before the run ends (its log stream may close early under
+        # load), so wait for the ServerApp's own output, still bounded in time.
+        deadline = time.monotonic() + 120
+        while not results.exists() and time.monotonic() < deadline and all(p.poll() is None for p in processes):
+            time.sleep(0.2)
+        if not results.exists():
+            logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}" for p in sorted(tmp_path.glob("*.log")))
+            raise AssertionError(f"no results; flwr run said:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n{logs}")
         summary = json.loads(results.read_text())
         assert set(summary["test-accuracy"]) == {"0", "1"}
         log = summary["fusion-log"]["1"]

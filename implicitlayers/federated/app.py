@@ -74,4 +74,7 @@ def main(grid: Grid, context: Context) -> None:
     }
     print(RESULT_MARKER + json.dumps(summary), flush=True)
     if config.get("results-path"):
-        pathlib.Path(str(config["results-path"])).write_text(json.dumps(summary, indent=1))
+        path = pathlib.Path(str(config["results-path"]))
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(summary, indent=1))
+        partial.replace(path)  # atomic: a reader never sees half a file
