@@ -43,7 +43,7 @@ def _check_positive(owner: str, what: str, value: float, upper: float | None = N
         raise ValueError(f"{owner}: {what} must be positive{bound}, got {value!r}.")
 
 
-def _copy_closure(fn: types.FunctionType, memo: dict) -> types.FunctionType:
+def copy_function(fn: Callable, memo: dict) -> Callable:
     """A copy of `fn` whose captured values are deep-copied with `memo`.
 
     `copy.deepcopy` shares functions, so a condition written as a closure over a module or tensor
@@ -51,6 +51,8 @@ def _copy_closure(fn: types.FunctionType, memo: dict) -> types.FunctionType:
     (an EMA teacher, a float64 copy for checking). Copying the captured values with the same memo makes
     the copy read the copied tensors and modules.
     """
+    if not isinstance(fn, types.FunctionType):
+        return copy.deepcopy(fn, memo)
     if not fn.__closure__:
         return fn
     cells = []
@@ -102,8 +104,8 @@ class Condition:
         new = copy.copy(self)
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            if key == "fn" and isinstance(value, types.FunctionType):
-                new.fn = _copy_closure(value, memo)
+            if key == "fn":
+                new.fn = copy_function(value, memo)
             else:
                 setattr(new, key, copy.deepcopy(value, memo))
         return new

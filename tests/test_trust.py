@@ -388,3 +388,17 @@ def test_normalised_cells_survive_concurrent_calls(norm):
     for i in range(4):
         for a, b in zip(got[i], expected[i]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_jiio_closures_follow_a_deepcopy():
+    W = torch.full((4, 4), 0.1)
+    jiio = il.JIIO(
+        cell=lambda z, x: torch.tanh(z @ W.T + x), head=lambda z: z,
+        objective=lambda out, y, x: ((out - y) ** 2).sum(1) + 0.1 * (x**2).sum(1), input_shape=4, state_shape=4, step_size=0.5,
+    )
+    target = 0.3 * torch.ones(2, 4)
+    ref = jiio(target)[0].detach()
+    teacher = copy.deepcopy(jiio)
+    W.mul_(0.0)
+    torch.testing.assert_close(teacher(target)[0], ref)
+    assert not torch.allclose(jiio(target)[0], ref)

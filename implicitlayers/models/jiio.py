@@ -21,6 +21,8 @@ concepts page on the KKT system).
 
 from __future__ import annotations
 
+import copy
+
 from typing import Any, Callable, Sequence
 
 import torch
@@ -28,7 +30,7 @@ from torch import nn
 
 from ..backward import IFT, Phantom, Unroll
 from ..layer import ImplicitLayer, Solution
-from ..problem import FixedPoint, Input, Maximize, Minimize, Problem, Variable
+from ..problem import FixedPoint, Input, Maximize, Minimize, Problem, Variable, copy_function
 from ..sets import ConstraintSet
 from ..solvers import Anderson
 
@@ -145,6 +147,15 @@ class JIIO(nn.Module):
         self._layers: dict[tuple, ImplicitLayer] = {}
         self.layer(0)  # declare once now, so bad options fail at construction
 
+    def __deepcopy__(self, memo: dict) -> "JIIO":
+        # As default, but the user's functions (often lambdas over tensors) are copied with the memo, so a
+        # copy (an EMA teacher, a float64 copy for checking) reads its own tensors, not the original's.
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy_function(value, memo) if key in ("cell", "head", "objective") else copy.deepcopy(value, memo)
+        return new
+
     # ------------------------------------------------------------------------------ the problem
     def layer(self, n_context: int) -> ImplicitLayer:
         """The `ImplicitLayer` of the augmented problem for `n_context` context tensors (built once per setting)."""
@@ -247,6 +258,10 @@ class _StateMap:
     def __init__(self, cell: Callable[..., torch.Tensor]) -> None:
         self.cell = cell
 
+    def __deepcopy__(self, memo: dict) -> "_StateMap":
+        # A user's lambda over tensors must follow the copy, as a condition's own closure does.
+        return _StateMap(copy_function(self.cell, memo))
+
     def __call__(self, z: torch.Tensor, x: torch.Tensor, *context: torch.Tensor) -> torch.Tensor:
         return self.cell(z, x, *context)
 
@@ -256,6 +271,9 @@ class _InnerObjective:
 
     def __init__(self, objective: Callable[..., torch.Tensor], head: Callable[..., torch.Tensor]) -> None:
         self.objective, self.head = objective, head
+
+    def __deepcopy__(self, memo: dict) -> "_InnerObjective":
+        return _InnerObjective(copy_function(self.objective, memo), copy_function(self.head, memo))
 
     def __call__(self, z: torch.Tensor, target: torch.Tensor, x: torch.Tensor, *context: torch.Tensor) -> torch.Tensor:
         return self.objective(self.head(z, *context), target, x)
