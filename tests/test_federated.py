@@ -32,7 +32,6 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import implicitlayers as il
 from implicitlayers.federated import quality_weights, weighted_average
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

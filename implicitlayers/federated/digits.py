@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -164,7 +164,7 @@ class DigitsPartitions:
         )
 
 
-def centralised_evaluator(model_fn: Any) -> Any:
+def centralised_evaluator(model_fn: Callable[[], nn.Module]) -> Callable[[int, ArrayRecord], MetricRecord]:
     """The server's centralised evaluation on the 360 test images: `(round, arrays) -> MetricRecord`.
 
     A DEQ is evaluated with its own solver (the server is not budget-limited).
