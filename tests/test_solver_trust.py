@@ -130,6 +130,18 @@ def test_solvers_run_under_autocast(name, grad):
     assert float(((w.detach() - exact).norm(dim=1) / exact.norm(dim=1)).max()) < 0.05
 
 
+@pytest.mark.parametrize("entry", ["fixed_point", "root"])
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_a_map_returning_another_dtype_is_solved_in_the_start_dtype(name, entry):
+    # main: Picard returned float64 for a float32 start, Broyden raised a bare torch dtype error.
+    if entry == "fixed_point":
+        sol = il.fixed_point(lambda z: (0.5 * z + 1).double(), torch.zeros(2, 3), solver=SOLVERS[name](tol=1e-6))
+    else:
+        sol = il.root(lambda z: (0.5 * z - 1).double(), torch.zeros(2, 3), solver=SOLVERS[name](tol=1e-6))
+    assert sol.value.dtype == torch.float32
+    torch.testing.assert_close(sol.value, torch.full((2, 3), 2.0))
+
+
 def test_the_stopping_measure_of_a_zero_start_is_finite_in_float16():
     from implicitlayers.solvers._loop import stopping_measure
 

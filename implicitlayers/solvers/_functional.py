@@ -40,6 +40,8 @@ def _flat_residual(fn: Callable[[torch.Tensor], torch.Tensor], shape: torch.Size
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"{who}: the function returned {got} for an input of shape {tuple(shape)}; it must return the same shape.")
         out = out.reshape(shape[0], -1)
+        if out.dtype != w.dtype:  # the solve runs in the start's dtype (e.g. a float64 map, or autocast's bfloat16)
+            out = out.to(w.dtype)
         return torch.sub(w, out, out=into) if fixed else out
 
     residual.writes_into = fixed  # type: ignore[attr-defined]  # a root's g(z) is already a fresh tensor
@@ -64,7 +66,8 @@ def fixed_point(
     """Solve `z = f(z)` per sample from `z0` (no gradient; see `ImplicitLayer` for differentiable solves).
 
     Args:
-        f: batched map `(B, ...) -> (B, ...)`; samples must not interact.
+        f: batched map `(B, ...) -> (B, ...)`; samples must not interact. Its result is cast to the
+            dtype of `z0`, in which the whole solve runs.
         z0: the start, `(B, ...)`.
         solver: any solver (default `Anderson()`); its residual is `z − f(z)`.
 
@@ -81,7 +84,7 @@ def root(g: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, solver:
     identity; Broyden (the default) suits any smooth `g`.
 
     Args:
-        g: batched function `(B, ...) -> (B, ...)`, the same shape as its input.
+        g: batched function `(B, ...) -> (B, ...)`, the same shape as its input (cast to the dtype of `z0`).
         z0: the start, `(B, ...)`.
         solver: any solver (default `Broyden()`).
     """
