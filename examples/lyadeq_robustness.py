@@ -1,6 +1,6 @@
 """LyaDEQ's readings against a plain DEQ on scikit-learn's digits: clean and adversarial accuracy.
 
-Run: `python examples/lyadeq_robustness.py [--seeds 0 1 2] [--epochs 8] [--training end-to-end|two-stage] [--fast]`
+Run: `python examples/lyadeq_robustness.py [--seeds 0 1 2] [--epochs 5] [--training end-to-end|two-stage] [--fast]`
 
 Every model shares the injection `u = U x + b`, the cell `f(z, u) = tanh(W z + u)` with `‖W‖₂ ≤ 0.9`
 and a linear head, built from the same seed; they differ only in the state they hand the head
@@ -271,7 +271,7 @@ def write_outputs(runs: list[dict], out: pathlib.Path, args: argparse.Namespace)
 def main(argv: list[str] | None = None) -> dict[str, dict[str, tuple[float, float]]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-3)
@@ -279,13 +279,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, tuple[float, floa
     parser.add_argument("--training", choices=("end-to-end", "two-stage"), default="end-to-end")
     parser.add_argument("--no-trades", action="store_true", help="skip the TRADES-trained models")
     parser.add_argument("--train-eps", type=float, default=0.1, help="ℓ∞ radius of TRADES")
-    parser.add_argument("--train-steps", type=int, default=3, help="PGD steps of TRADES' inner maximisation")
+    parser.add_argument("--train-steps", type=int, default=2, help="PGD steps of TRADES' inner maximisation")
     parser.add_argument("--pgd-steps", type=int, default=20, help="PGD steps of the evaluation attack")
     parser.add_argument(
         "--autoattack", choices=("apgd", "standard", "off"), default="apgd",
         help="with torchattacks installed: APGD-CE + APGD-T (default), the standard AutoAttack, or none",
     )
-    parser.add_argument("--aa-samples", type=int, default=100, help="test samples attacked by AutoAttack (it is slow)")
+    parser.add_argument("--aa-samples", type=int, default=50, help="test samples attacked by AutoAttack (it is slow)")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("outputs"))
     parser.add_argument("--fast", action="store_true", help="tiny subset, one epoch, PGD-3, one seed (for tests)")
@@ -318,7 +318,7 @@ def _run(args: argparse.Namespace) -> dict[str, dict[str, tuple[float, float]]]:
         row = {"model": kind + (" + TRADES" if trades else ""), "seed": seed, **evaluate(model, data, args, seed)}
         row["seconds"] = time.perf_counter() - tic
         runs.append(row)
-    table = write_outputs(runs, args.out, args)
+        table = write_outputs(runs, args.out, args)  # after every run, so a long run can be read as it goes
     if args.autoattack == "off":
         print("AutoAttack skipped (--fast, --autoattack off, or the torchattacks extra not installed).")
     print(table)

@@ -137,8 +137,8 @@ class LyaDEQ(nn.Module):
         self.pull = None if pull is None else float(pull)
         self.alpha = float(alpha)
         self.step = float(step)
-        # Registered here only: the layer below receives bound methods, not modules, so each parameter
-        # has one name (`functional_call` and `state_dict` see every tensor once).
+        # Registered here only (the layer gets `register_modules=False`; the state maps are bound methods),
+        # so each parameter has one name: `functional_call` and `state_dict` see every tensor once.
         self.cell = cell
         self.lyapunov = lyapunov
         self.learned_centre = nn.Parameter(torch.zeros(dim)) if centre == "learned" else None
@@ -153,7 +153,7 @@ class LyaDEQ(nn.Module):
         x, z = Input("x"), Variable("z")
         if centre == "fixed_point":
             anchor = Variable("anchor")
-            conditions = [FixedPoint(anchor, self._cell_map, (anchor, x)), FixedPoint(z, self._anchored_step, (z, anchor, x))]
+            conditions = [FixedPoint(anchor, cell, (anchor, x)), FixedPoint(z, self._anchored_step, (z, anchor, x))]
             init = {"anchor": self._start, "z": self._start}
         else:
             conditions, init = [FixedPoint(z, self._step, (z, x))], {"z": self._start}
@@ -164,6 +164,7 @@ class LyaDEQ(nn.Module):
             solver=solver if solver is not None else Anderson(m=5, tol=1e-4, max_iter=50),
             backward=backward,
             init=init,
+            register_modules=False,
         )
 
     # ------------------------------------------------------------------------------ calling
@@ -258,9 +259,6 @@ class LyaDEQ(nn.Module):
         return 0 if info is None else sum(i.nfe for i in info.values())
 
     # ------------------------------------------------------------------------------ conditions
-    def _cell_map(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.cell(z, x)
-
     def _anchored_step(self, z: torch.Tensor, anchor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return z + self.step * self.dynamics(z, x, anchor)
 
