@@ -31,8 +31,7 @@ import torch
 
 from ._ift import AdjointProblem, adjoint_solver, attach_ift
 from ._transforms import FoldedCall, active_transforms, tangents_may_flow
-from .solvers import SolveInfo, apply_failure_policy
-from .solvers._info import Status
+from .solvers import SolveInfo
 
 if TYPE_CHECKING:
     from .system import BlockSystem
@@ -94,47 +93,19 @@ class BlockSolve:
             return w_star, infos[-1]
         return self._solve_plain(self.w0.detach(), self.detached)
 
+    def solve_options(self) -> dict[str, Any]:
+        """Keyword arguments of the solver's `solve` for this block: a block with objectives is measured
+        (`scale_rows`, see `BlockSystem.relative_rows`) and advised (`hints`) as one."""
+        if not self.system.objectives:
+            return {}
+        return {"scale_rows": self.system.relative_rows(self.w0.device), "hints": self.system.failure_hints()}
+
     def _solve_plain(self, w0: torch.Tensor, env: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, SolveInfo]:
         with torch.no_grad():
-            w_star, info = self.solver.solve(lambda w: self.system.residual(w, env), w0, precond=self.precond, name=self.name)
-            w_star = self.system.project_constrained(w_star)
-            if self.system.objectives:
-                info = self._flag_rounding_stalls(w_star, info, env)
-            return w_star, info
-
-    def _flag_rounding_stalls(self, w: torch.Tensor, info: SolveInfo, env: Mapping[str, torch.Tensor]) -> SolveInfo:
-        """Samples reported converged whose map cannot move although a residual entry exceeds `tol`.
-
-        Far out along an unbounded direction (`|v| ≫ |α∇| / eps`) an objective's step `α∇` is below the
-        floating-point resolution of `v`: `v − α∇` rounds to `v`, so the map is stuck, while the
-        relative residual `‖R‖ / ‖w‖` is tiny and passes a `"rel"` test. Such a point is no solution.
-        Costs one residual evaluation per solve of a block with objectives.
-        """
-        tol = getattr(self.solver, "tol", None)
-        if tol is None or not bool(info.converged.any()):
-            return info
-        r = self.system.residual(w, env)
-        step = r if self.precond is None else r * self.precond
-        stuck = ((w - step) == w) & (r.abs() > tol)
-        stalled = stuck.any(1) & info.converged
-        if not bool(stalled.any()):
-            return info
-        status = info.status.clone() if getattr(info, "status", None) is not None else None
-        fields = {"converged": info.converged & ~stalled}
-        if status is not None:
-            fields["status"] = torch.where(stalled, int(Status.STALLED), status)
-        flagged = dataclasses.replace(info, **fields)
-        only_new = dataclasses.replace(flagged, converged=~stalled, **({"status": fields["status"]} if status is not None else {}))
-        apply_failure_policy(
-            only_new, name=self.name, tol=tol, max_iter=getattr(self.solver, "max_iter", 0),
-            on_failure=getattr(self.solver, "on_failure", "warn"),
-            hint=(
-                "the update of a variable is below the floating-point resolution of its value (it is huge: "
-                f"max |w| = {float(w.abs().max()):.3g}), so the iteration cannot move although the residual is not "
-                "zero; start closer to the solution and check that the problem is bounded"
-            ),
-        )
-        return flagged
+            w_star, info = self.solver.solve(
+                lambda w: self.system.residual(w, env), w0, precond=self.precond, name=self.name, **self.solve_options()
+            )
+            return self.system.project_constrained(w_star), info
 
     def reads_grad(self, w_star: torch.Tensor) -> bool | None:
         """Whether the block's solution depends on anything that requires a gradient.
@@ -304,7 +275,9 @@ class Unroll(BackwardMode):
     def solve(self, block: BlockSolve) -> tuple[torch.Tensor, SolveInfo]:
         if not torch.is_grad_enabled() or block.reads_grad(block.w0) is False:
             return block.forward_solve()
-        w_out, info = block.solver.solve(lambda w: block.residual(w), block.w0, precond=block.precond, name=block.name)
+        w_out, info = block.solver.solve(
+            lambda w: block.residual(w), block.w0, precond=block.precond, name=block.name, **block.solve_options()
+        )
         w_out = block.system.project_constrained(w_out)
         idle = info.nstep == 0
         if bool(idle.any()):

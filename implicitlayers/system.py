@@ -133,6 +133,32 @@ class BlockSystem:
             parts[cond.variable.name] = cond.constraint.project(parts[cond.variable.name])
         return self.pack(parts, w.shape[0])
 
+    def relative_rows(self, device: torch.device) -> torch.Tensor | None:
+        """The columns a relative stopping test divides by: every row but the optimised variables'.
+
+        An equation's residual (`z − f(z)`, an adjoint equation) is measured in units of its variable, so
+        relating it to ‖w‖ is meaningful; an objective's residual is a (projected) gradient, which is not
+        (a start far out along a flat or unbounded direction would pass). `None` when every row counts; an
+        empty selection (a block of objectives only) makes the test absolute.
+        """
+        if not self.objectives:
+            return None
+        optimised = {c.variable.name for c in self.objectives}
+        rows = [torch.arange(s.offset, s.offset + s.size, device=device) for s in self.slots.values() if s.name not in optimised]
+        return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=device)
+
+    def failure_hints(self) -> dict[str, str] | None:
+        """Advice by failure cause for a block with objectives: the step size is the usual culprit."""
+        if not self.objectives:
+            return None
+        steps = ", ".join(f"{type(c).__name__}({c.variable.name}, step_size={c.step_size:g})" for c in self.objectives)
+        return {
+            "diverged": f"lower the step size of {steps} (it must be below 2 / the objective's curvature), or damp the equations",
+            "nonfinite": f"lower the step size of {steps}, or check the objective for NaN at these points",
+            "stalled": f"the objective may be unbounded below or flat; check it, or change the step size of {steps}",
+            "max_iter": f"increase max_iter, or raise the step size of {steps} if the objective is flat (tiny curvature)",
+        }
+
     def equation_indices(self, device: torch.device) -> torch.Tensor:
         """Indices of the equation variables in the packed unknown (for first-order IFT)."""
         return torch.cat([torch.arange(s.offset, s.offset + s.size, device=device) for s in self.equation_slots])

@@ -349,12 +349,6 @@ def test_a_linear_objective_over_a_set_from_minus_1e18(name, constraint, exact):
     _correct_or_reported(layer(y), torch.as_tensor(exact, dtype=F64).expand(3, 2), _info(layer), atol=1e-8)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12 item 1: an unbounded LP over a Box is reported converged once ‖w‖ has grown enough for the "
-    "relative test ‖α c‖ / ‖w‖ ≤ tol (plain iteration at tol 1e-3: x = (0, 200) 'converged' at step 1000); the rounding-stall "
-    "check only catches |w| ≫ |α∇| / eps",
-)
 def test_an_unbounded_lp_is_never_reported_converged_whatever_the_iteration_budget():
     cost = torch.tensor([[1.0, -2.0]], dtype=F64)
     layer = _minimize_layer(lambda v, c: (c * v).sum(1), torch.zeros(2, dtype=F64), constraint=il.sets.Box(0.0),
@@ -363,11 +357,6 @@ def test_an_unbounded_lp_is_never_reported_converged_whatever_the_iteration_budg
     assert not bool(_info(layer).converged.any()), f"unbounded LP reported converged at {layer.last_solution.values['v']}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12 item 1: an unconstrained linear objective (no minimiser) started at 1e6 is reported converged at "
-    "its start (nstep 0): the relative test compares ‖∇L‖ = ‖c‖ with ‖v‖",
-)
 def test_an_unbounded_linear_objective_from_a_large_start_is_not_converged():
     cost = torch.tensor([[1.0, -2.0]], dtype=F64)
     layer = _minimize_layer(lambda v, c: (c * v).sum(1), torch.full((2,), 1e6, dtype=F64), solver=il.FixedPointIteration())
@@ -375,12 +364,6 @@ def test_an_unbounded_linear_objective_from_a_large_start_is_not_converged():
         layer(cost)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a Minimize's relative stopping test divides ‖∇L‖ (units of L per unit of v) by ‖v‖, so a well-posed "
-    "objective of small curvature (1e-6 ‖v − y‖², a loss averaged over many terms) returns its start 100 as "
-    "converged at step 0 while the minimiser is 0",
-)
 def test_a_minimize_of_small_curvature_is_not_converged_at_its_start():
     layer = _minimize_layer(lambda v, y: 1e-6 * ((v - y) ** 2).sum(1), torch.full((3,), 100.0, dtype=F64),
                             solver=il.Anderson(on_failure="ignore"))
@@ -424,11 +407,9 @@ def test_a_set_of_the_wrong_width_is_named(constraint):
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param("picard", marks=pytest.mark.xfail(strict=True, reason="plain iteration returns the map's dtype "
-                     "(float64) for a float32 start, silently")),
+        "picard",
         "anderson",
-        pytest.param("broyden", marks=pytest.mark.xfail(strict=True, reason="Broyden raises a bare torch error "
-                     "('expected scalar type Double but found Float') that names neither the map nor the dtypes")),
+        "broyden",
     ],
 )
 def test_a_map_that_returns_another_dtype_is_solved_in_the_start_dtype_or_refused(name):

@@ -34,12 +34,14 @@ class IterativeSolver(SolverConfig):
         precond: torch.Tensor | None = None,
         name: str = "solve",
         hints: Mapping[str, str] | None = None,
+        scale_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, SolveInfo]:
         """Solve `R(w) = 0` for flat `(B, D)` unknowns; see `implicitlayers.solvers._loop.iterate`.
 
-        `hints` is advice by failure cause for the failure message (see `apply_failure_policy`).
+        `hints` is advice by failure cause for the failure message (see `apply_failure_policy`);
+        `scale_rows` restricts the relative measure's norm of `w` to those columns (empty: absolute).
         """
-        return iterate(self, residual_fn, w0, precond=precond, name=name, hints=hints)
+        return iterate(self, residual_fn, w0, precond=precond, name=name, hints=hints, scale_rows=scale_rows)
 
     def solve_linear(
         self,

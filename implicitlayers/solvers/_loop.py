@@ -71,9 +71,14 @@ def _measure(
     return res, res / torch.linalg.vector_norm(w, dim=1, dtype=wide).add(eps)
 
 
-def stopping_measure(r: torch.Tensor, w: torch.Tensor, stop: str) -> torch.Tensor:
-    """Per-sample stopping measure: ‖R(w)‖ (`"abs"`) or ‖R(w)‖ / (‖w‖ + 1e-8) (`"rel"`); non-finite → inf."""
-    return torch.nan_to_num(_measure(r, w, stop == "rel")[1], nan=float("inf"), posinf=float("inf"))
+def stopping_measure(r: torch.Tensor, w: torch.Tensor, stop: str, scale_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample stopping measure: ‖R(w)‖ (`"abs"`) or ‖R(w)‖ / (‖w‖ + 1e-8) (`"rel"`); non-finite → inf.
+
+    `scale_rows` restricts ‖w‖ to those columns; an empty selection makes the measure absolute (see `iterate`).
+    """
+    rel = stop == "rel" and (scale_rows is None or scale_rows.numel() > 0)
+    w = w if scale_rows is None or not rel else w.index_select(1, scale_rows)
+    return torch.nan_to_num(_measure(r, w, rel)[1], nan=float("inf"), posinf=float("inf"))
 
 
 class _Counted:
@@ -119,6 +124,7 @@ def iterate(
     precond: torch.Tensor | None = None,
     name: str = "solve",
     hints: Mapping[str, str] | None = None,
+    scale_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SolveInfo]:
     """Drive `R(w) = 0` from `w0` with `solver`, sample by sample.
 
@@ -131,16 +137,22 @@ def iterate(
     iterate grows, so it must not pick the answer. `SolveInfo.status` says why each sample ended
     (see `Status`); `hints` is advice by cause for the failure message (`apply_failure_policy`).
 
+    `scale_rows` (indices into the `D` columns) restricts the norm of the relative measure to those rows,
+    `‖R(w)‖ / ‖w[:, scale_rows]‖`; an empty selection makes the measure absolute. A block with objectives
+    passes its equation and adjoint rows: an objective's residual is a (projected) gradient, and relating it
+    to the size of the optimised variable would report a start far out along a flat or unbounded
+    direction as converged.
+
     Returns:
         The best iterate of each sample, `(B, D)`, and its `SolveInfo`.
     """
     amp = _caller_autocast(w0.device.type)
     with contextlib.nullcontext() if amp is None else torch.autocast(amp[0], enabled=False):
-        return _iterate(solver, _Counted(residual_fn, amp), w0, precond, name, hints)
+        return _iterate(solver, _Counted(residual_fn, amp), w0, precond, name, hints, scale_rows)
 
 
 def _iterate(solver: Any, fn: _Counted, w0: torch.Tensor, precond: torch.Tensor | None, name: str,
-             hints: Mapping[str, str] | None) -> tuple[torch.Tensor, SolveInfo]:
+             hints: Mapping[str, str] | None, scale_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, SolveInfo]:
     """`iterate` with the residual function wrapped (and autocast off for the solver's arithmetic).
 
     Per step it tracks only each sample's lowest residual norm (`best_abs`) and its iterate; the
@@ -150,12 +162,18 @@ def _iterate(solver: Any, fn: _Counted, w0: torch.Tensor, precond: torch.Tensor 
     # With a check every step (the CPU default) host-side tests are free, so use them to skip masks.
     eager = check_every == 1
     tol, rel, batch = solver.tol, solver.stop == "rel", w0.shape[0]
+    if scale_rows is not None and scale_rows.numel() == 0:
+        rel, scale_rows = False, None
+
+    def scale(w: torch.Tensor) -> torch.Tensor:
+        return w if scale_rows is None else w.index_select(1, scale_rows)
+
     eps = max(_REL_EPS, torch.finfo(work_dtype(w0.dtype)).tiny) if rel else 0.0
     r0 = fn(w0)
     if r0.shape != w0.shape:
         raise ValueError(f"{name}: the residual has shape {tuple(r0.shape)} but the unknown has shape {tuple(w0.shape)}; they must match.")
     state = solver.init(fn, w0, r0, precond)
-    best_abs, res = _measure(r0, w0, rel, eps=eps)
+    best_abs, res = _measure(r0, scale(w0), rel, eps=eps)
     bad = ~torch.isfinite(res)
     frozen = (res <= tol) | bad
     status = bad.long() * int(Status.NONFINITE)
@@ -182,7 +200,7 @@ def _iterate(solver: Any, fn: _Counted, w0: torch.Tensor, precond: torch.Tensor 
                 if n_frozen == 0:
                     mask = None
             state = solver.step(fn, state, mask)
-            res_abs, res = _measure(state.r, state.w, rel, getattr(state, "r_norm", None), eps)
+            res_abs, res = _measure(state.r, scale(state.w) if rel else state.w, rel, getattr(state, "r_norm", None), eps)
             improved = res_abs < best_abs  # False for NaN
             if mask is None:
                 unmasked_steps += 1
@@ -217,7 +235,7 @@ def _iterate(solver: Any, fn: _Counted, w0: torch.Tensor, precond: torch.Tensor 
         best_w = w0.clone()
     nstep = nstep + unmasked_steps
     with torch.no_grad():
-        best_res, w_norm = _returned_measure(best_w, best_abs, rel, eps)
+        best_res, w_norm = _returned_measure(scale(best_w), best_abs, rel, eps)
         # A relative measure is 0 at an infinite iterate: only a finite iterate can have converged.
         converged = (best_res <= tol) & torch.isfinite(w_norm)
         if not bool(converged.all()):  # (else every status is CONVERGED already)

@@ -37,8 +37,10 @@ class ScipyRoot(SolverConfig):
         precond: torch.Tensor | None = None,
         name: str = "solve",
         hints: Mapping[str, str] | None = None,
+        scale_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, SolveInfo]:
-        """Solve `R(w) = 0` for flat `(B, D)` unknowns, one sample at a time (`hints`: see `apply_failure_policy`)."""
+        """Solve `R(w) = 0` for flat `(B, D)` unknowns, one sample at a time (`hints`: see `apply_failure_policy`;
+        `scale_rows`: the columns of `w` that the relative measure divides by, see `iterate`)."""
         import scipy.optimize  # imported here: it is slow to import and only this reference solver needs it
 
         nfe = 0
@@ -62,7 +64,7 @@ class ScipyRoot(SolverConfig):
         with torch.no_grad():
             r = residual_fn(out)
         nfe += 1
-        res = stopping_measure(r, out, self.stop)
+        res = stopping_measure(r, out, self.stop, scale_rows)
         info = SolveInfo(nstep=nstep, residual=res, converged=res <= self.tol, nfe=nfe)
         apply_failure_policy(info, name=name, tol=self.tol, max_iter=self.max_iter, on_failure=self.on_failure,
                              hint="try another scipy method, e.g. 'lm' or 'krylov'", hints=hints)
