@@ -226,15 +226,11 @@ def _rosenbrock_gradient(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_broyden_defaults_find_the_rosenbrock_minimum_from_nearby():
-    # 20 variables, 24 starts within 0.1 of the minimum (1, …, 1); step size 1e-3. main: 8/24 at the
-    # defaults. Now 23/24 within the default 50 steps and all within 100; none is wrong silently.
+    # 20 variables, 24 starts within 0.1 of the minimum (1, …, 1); step size 1e-3. main: 8/24 at the defaults.
     x0 = 1 + 0.1 * torch.randn(24, 20, dtype=F64, generator=torch.Generator().manual_seed(20))
-    step = torch.full((20,), 1e-3, dtype=F64)
     with torch.no_grad():
-        _, info = il.Broyden(on_failure="ignore").solve(_rosenbrock_gradient, x0, precond=step)
-        x, longer = il.Broyden(max_iter=100).solve(_rosenbrock_gradient, x0, precond=step)
-    assert int(info.converged.sum()) >= 23 and set(info.causes) <= {"converged", "max_iter", "stalled"}
-    assert longer.all_converged
+        x, info = il.Broyden().solve(_rosenbrock_gradient, x0, precond=torch.full((20,), 1e-3, dtype=F64))
+    assert info.all_converged
     torch.testing.assert_close(x, torch.ones_like(x), rtol=0, atol=1e-3)
 
 
@@ -250,12 +246,12 @@ def test_broyden_far_from_the_rosenbrock_minimum_is_flagged_not_silent():
 
 def test_broyden_defaults_find_double_roots():
     # g(z) = (z − a)², a root of multiplicity two (Newton is only linear there), 24 samples in ℝ³.
-    # main: 7/24, one of them reached inf. Now 23/24; the other is reported, at a finite iterate.
+    # main: 7/24, one of them reached inf.
     a = 1 + torch.rand(24, 3, dtype=F64, generator=torch.Generator().manual_seed(20))
-    sol = il.root(lambda z: (z - a) ** 2, torch.zeros_like(a), solver=il.Broyden(on_failure="ignore"))
-    assert int(sol.info.converged.sum()) >= 23 and bool(torch.isfinite(sol.value).all())
-    ok = sol.info.converged
-    torch.testing.assert_close(sol.value[ok], a[ok], rtol=0, atol=0.05)
+    sol = il.root(lambda z: (z - a) ** 2, torch.zeros_like(a))
+    assert sol.info.all_converged
+    # rel tol 1e-4 on ‖(z − a)²‖ / ‖z‖ leaves |z − a| up to about 0.02
+    torch.testing.assert_close(sol.value, a, rtol=0, atol=0.05)
 
 
 def test_broyden_rejects_a_step_that_blows_up_and_recovers():
@@ -269,7 +265,7 @@ def test_broyden_rejects_a_step_that_blows_up_and_recovers():
 
 def test_broyden_solves_a_badly_scaled_diagonal_linear_root():
     # diag(1, 1e2, 1e4) z = 1 from 0: the first steps grow the residual ~6000-fold and are rejected;
-    # each rejection in a row loosens the limit, so the secant steps get through.
+    # each rejection in a row loosens the limit, so the secant steps get through (9 steps; main: 8).
     d = torch.tensor([1.0, 1e2, 1e4], dtype=F64)
     sol = il.root(lambda z: d * z - 1, torch.zeros(1, 3, dtype=F64), solver=il.Broyden(tol=1e-10, stop="abs"))
     torch.testing.assert_close(sol.value, 1 / d[None], rtol=1e-8, atol=0)

@@ -14,11 +14,10 @@ from ._precision import bmm, dot, work_dtype
 
 __all__ = ["Broyden"]
 
-# A trial whose residual norm exceeds this factor times the sample's lowest so far (or is not finite)
-# is rejected; each rejection in a row shortens the next step by `_SHRINK` and loosens the limit by
-# as much, and the rejection that takes the step factor below `_RESTART` (the fifth) drops the pairs.
-_GROWTH = 10.0
-_SHRINK, _RESTART = 0.25, 1e-3
+# A trial whose residual norm exceeds `_GROWTH` times the sample's lowest so far (or is not finite) is
+# rejected. Each rejection in a row loosens that limit `_LOOSEN`-fold, a non-finite trial also shortens
+# the next step by `_SHRINK`, and the `_RESTART_AFTER`-th rejection in a row drops the sample's pairs.
+_GROWTH, _LOOSEN, _SHRINK, _RESTART_AFTER = 10.0, 4.0, 0.25, 5
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,9 +49,10 @@ class Broyden(IterativeSolver):
     The safeguard (the method has no globalisation of its own): a trial whose residual norm is more
     than ten times the sample's lowest so far, or not finite, is rejected. The sample stays where it
     was but keeps the trial's secant pair (when finite), so its next step is a secant step that knows
-    how steeply `R` grew, shortened fourfold; each further rejection in a row shortens it and loosens
-    the limit fourfold again, and the fifth also drops the pairs (a restart from `H₀`). This costs no
-    evaluation beyond the retried step, and no host synchronisation.
+    how steeply `R` grew; each rejection in a row loosens the limit fourfold (so that a badly scaled
+    problem, whose early secant steps all overshoot, still gets through), a non-finite trial also
+    shortens the next step fourfold, and the fifth rejection in a row drops the pairs (a restart from
+    `H₀`). This costs no evaluation beyond the retried step, and no host synchronisation.
 
     Cost per step: one evaluation plus two passes over the `n` kept pairs (`Yᵀ R` and the step) and
     two small products with `N⁻¹`. The pairs live in `(B, memory, D)` buffers kept between solves of
@@ -81,7 +81,8 @@ class Broyden(IterativeSolver):
         s.r_norm = torch.linalg.vector_norm(r, dim=1)
         s.limit = _GROWTH * s.r_norm  # a trial above this residual norm is rejected
         s.Hr = self._h0(precond, r)
-        s.scale = None  # per-sample step factor after rejections; None while no sample was rejected
+        s.loosen = None  # per-sample factor on the limit after rejections in a row; None while none
+        s.scale = None  # per-sample step factor after non-finite trials; None while none
         if s.grad:
             s.Z, s.Y = [], []
         else:
@@ -116,25 +117,28 @@ class Broyden(IterativeSolver):
         slot = None if s.grad else (s.count % self.memory if s.n == self.memory else s.n)
         y = torch.sub(r_trial, s.r, out=None if slot is None else s.pairs.Y_slot[slot])
         r_norm = torch.linalg.vector_norm(r_trial, dim=1)
-        # False for NaN; each rejection in a row shrinks the step and loosens the limit fourfold
-        accepted = (r_norm <= s.limit) if s.scale is None else (r_norm * s.scale <= s.limit)
+        # False for NaN. Each rejection in a row loosens the sample's limit `_LOOSEN`-fold (`s.loosen`).
+        accepted = (r_norm <= s.limit) if s.loosen is None else (r_norm <= s.limit * s.loosen)
         # On the CPU the host test is free; elsewhere (and under autograd) the masks are always applied.
         any_rejected = s.grad or not trial.is_cpu or not bool(accepted.all())
         keep = rejected = None  # which pairs to keep: all, unless a trial was rejected (a non-finite y is dropped)
         if any_rejected:
             rejected = ~accepted
             # A rejected sample stays where it was but keeps the pair (when finite): its next step is the
-            # secant step from there, which knows how steeply R grew, shortened by `_SHRINK`.
+            # secant step from there, which knows how steeply R grew. A non-finite trial teaches nothing,
+            # so the next step is also shortened.
             keep = torch.isfinite(r_norm)
             w = torch.where(rejected[:, None], s.w, trial)
             r = torch.where(rejected[:, None], s.r, r_trial)
             r_norm = torch.where(rejected, s.r_norm, r_norm)
+            loosen = torch.ones_like(r_norm) if s.loosen is None else s.loosen
+            s.loosen = torch.where(rejected, _LOOSEN * loosen, 1.0)
             scale = torch.ones_like(r_norm) if s.scale is None else s.scale
-            s.scale = torch.where(rejected, _SHRINK * scale, 1.0)
+            s.scale = torch.where(rejected, torch.where(keep, scale, _SHRINK * scale), 1.0)
         else:
-            w, r, s.scale = trial, r_trial, None
-        # Restart once, as the step factor crosses `_RESTART`; then keep shortening the step from H₀.
-        restart = None if s.scale is None else (s.scale < _RESTART) & (s.scale >= _RESTART * _SHRINK)
+            w, r, s.scale, s.loosen = trial, r_trial, None, None
+        # The fifth rejection in a row also drops the sample's pairs (a restart from H₀).
+        restart = None if s.loosen is None else s.loosen == _LOOSEN**_RESTART_AFTER
         if s.grad:
             self._record_unrolled(s, step, y, r, keep, restart)
         else:
