@@ -16,7 +16,7 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from .nn._cache import inside_functorch_transform
 
-__all__ = ["FoldedCall", "active_transforms", "tangents_may_flow", "inside_functorch_transform"]
+__all__ = ["FoldedCall", "active_transforms", "tangents_may_flow", "inside_functorch_transform", "vmapped_solve"]
 
 
 def tangents_may_flow() -> bool:
@@ -62,3 +62,18 @@ class FoldedCall(torch.autograd.Function):
             folded.append(t.reshape(size * t.shape[1], *t.shape[2:]))
         out = FoldedCall.apply(fn, *folded)
         return out.reshape(size, -1, *out.shape[1:]), 0
+
+
+def vmapped_solve(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+    """`FoldedCall.apply(fn, *tensors)`, with a clear error when the user's functions read a vmapped tensor
+    that is not among `tensors` (parameters stacked for an ensemble through `functional_call`)."""
+    try:
+        return FoldedCall.apply(fn, *tensors)
+    except RuntimeError as err:
+        if "escaped" not in str(err) and "data-dependent" not in str(err):
+            raise
+        raise NotImplementedError(
+            "torch.func.vmap over an implicit layer supports vmapped inputs only; the layer's functions read a "
+            "tensor that is vmapped too (e.g. parameters stacked for an ensemble through functional_call). Solve "
+            "each member in a loop, or stack the members along the batch dimension inside one model."
+        ) from err

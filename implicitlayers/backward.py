@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 
 from ._ift import AdjointProblem, adjoint_solver, attach_ift
-from ._transforms import FoldedCall, active_transforms, tangents_may_flow
+from ._transforms import active_transforms, tangents_may_flow, vmapped_solve
 from .solvers import SolveInfo
+from .solvers._info import Status
 
 if TYPE_CHECKING:
     from .system import BlockSystem
@@ -89,9 +90,16 @@ class BlockSolve:
                 infos.append(info)
                 return w
 
-            w_star = FoldedCall.apply(solve, self.w0.detach(), *self.detached.values())
+            w_star = vmapped_solve(solve, self.w0.detach(), *self.detached.values())
             return w_star, infos[-1]
         return self._solve_plain(self.w0.detach(), self.detached)
+
+    def subset(self, rows: torch.Tensor) -> "BlockSolve":
+        """The same block for the samples `rows` only (samples never interact, so their solutions are unchanged)."""
+        return BlockSolve(
+            self.system, {n: t.index_select(0, rows) for n, t in self.outer.items()}, self.w0.index_select(0, rows),
+            self.solver, self.precond, self.report_backward,
+        )
 
     def solve_options(self) -> dict[str, Any]:
         """Keyword arguments of the solver's `solve` for this block: a block with objectives is measured
@@ -269,12 +277,25 @@ class Unroll(BackwardMode):
 
     A sample that already meets the tolerance at its start runs no iteration; it is still
     differentiated through one step of the block's map `F(w) = w − P ⊙ R(w)` from its start, so its
-    gradient is the one-step unrolled gradient, never a silent zero.
+    gradient is the one-step unrolled gradient, never a silent zero. A sample whose iterates turned
+    non-finite gets no gradient, and does not make the other samples' shared gradients NaN.
     """
 
     def solve(self, block: BlockSolve) -> tuple[torch.Tensor, SolveInfo]:
         if not torch.is_grad_enabled() or block.reads_grad(block.w0) is False:
             return block.forward_solve()
+        w_out, info = self._unrolled(block)
+        broken = info.status == int(Status.NONFINITE)
+        if bool(broken.any()):
+            # Backpropagating through a batch in which one sample turned NaN multiplies NaN by the other
+            # samples' zero cotangents in every shared operation, so a shared parameter's gradient would be
+            # NaN for all. Unroll the finite samples again without it; the broken ones get no gradient.
+            keep = (~broken).nonzero()[:, 0]
+            w_keep, _ = self._unrolled(block.subset(keep))
+            w_out = w_out.detach().index_copy(0, keep, w_keep)
+        return w_out, info
+
+    def _unrolled(self, block: BlockSolve) -> tuple[torch.Tensor, SolveInfo]:
         w_out, info = block.solver.solve(
             lambda w: block.residual(w), block.w0, precond=block.precond, name=block.name, **block.solve_options()
         )
