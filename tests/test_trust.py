@@ -402,3 +402,12 @@ def test_jiio_closures_follow_a_deepcopy():
     W.mul_(0.0)
     torch.testing.assert_close(teacher(target)[0], ref)
     assert not torch.allclose(jiio(target)[0], ref)
+
+
+def test_deq_solver_can_be_replaced():
+    deq = il.DEQ(lambda z, x: 0.5 * z + x)
+    deq.solver = deq.solver.replace(max_iter=3, on_failure="ignore")
+    deq(torch.ones(2, 3))
+    assert int(deq.last_info.nstep.max()) <= 3
+    with pytest.raises(TypeError, match="DEQ: solver must be"):
+        deq.solver = "anderson"

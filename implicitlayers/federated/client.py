@@ -55,7 +55,7 @@ def set_fixed_point_budget(model: nn.Module, max_iter: int) -> int:
                 f"set_fixed_point_budget: the DEQ's solver {deq.solver!r} has no `replace`; use an "
                 "implicitlayers solver (il.Anderson, il.Broyden, il.FixedPointIteration)."
             )
-        deq.layer.solver = deq.solver.replace(max_iter=max_iter, on_failure="ignore")
+        deq.solver = deq.solver.replace(max_iter=max_iter, on_failure="ignore")
     return len(deqs)
 
 

@@ -107,8 +107,15 @@ class DEQ(nn.Module):
 
     @property
     def solver(self) -> Any:
-        """The forward solver."""
+        """The forward solver; assign another to change it (e.g. a per-client budget:
+        `deq.solver = deq.solver.replace(max_iter=8)`)."""
         return self.layer.solver
+
+    @solver.setter
+    def solver(self, solver: Any) -> None:
+        if not hasattr(solver, "solve"):
+            raise TypeError(f"DEQ: solver must be an implicitlayers solver (e.g. il.Anderson()), got {solver!r}.")
+        self.layer.solver = solver
 
     @property
     def backward_mode(self) -> IFT | Phantom | Unroll:
