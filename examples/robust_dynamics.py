@@ -181,8 +181,8 @@ def plot(results: dict[str, Any], eps_list: list[float], out: pathlib.Path) -> l
     t = list(range(STEPS + 1))
     for variant, res in results.items():
         for ax, metric in zip(axes, ("entropy", "accuracy")):
-            ax.plot(t, [m for m, _ in res["states"]["IFT"][metric]], marker="o", label=f"{variant} (PGD-20)")
-            ax.plot(t, [m for m, _ in res["states"]["clean"][metric]], ls="--", alpha=0.6)
+            (line,) = ax.plot(t, [m for m, _ in res["states"]["IFT"][metric]], marker="o", label=f"{variant} (PGD-20)")
+            ax.plot(t, [m for m, _ in res["states"]["clean"][metric]], ls="--", alpha=0.6, color=line.get_color())
     axes[0].set(title=f"prediction entropy per state (ε = {TRAIN_EPS}; dashed: clean)", xlabel="solver state t", ylabel="entropy (nats)")
     axes[1].set(title="accuracy per state", xlabel="solver state t", ylabel="accuracy", ylim=(0, 1))
     axes[1].legend(fontsize=7)
