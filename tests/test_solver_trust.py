@@ -142,6 +142,15 @@ def test_a_map_returning_another_dtype_is_solved_in_the_start_dtype(name, entry)
     torch.testing.assert_close(sol.value, torch.full((2, 3), 2.0))
 
 
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_float16_residual_norms_beyond_its_range_still_converge(name):
+    # ‖R(0)‖ = 3e4 · 8 = 2.4e5 overflows float16 (max 65504): norms are taken in float32.
+    b = torch.full((2, 64), 3e4, dtype=torch.float16)
+    sol = il.root(lambda z: z - b, torch.zeros(2, 64, dtype=torch.float16), solver=SOLVERS[name](tol=1e-2))
+    assert sol.info.all_converged
+    torch.testing.assert_close(sol.value.float(), b.float(), rtol=1e-3, atol=0)
+
+
 def test_the_stopping_measure_of_a_zero_start_is_finite_in_float16():
     from implicitlayers.solvers._loop import stopping_measure
 

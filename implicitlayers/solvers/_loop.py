@@ -168,7 +168,9 @@ def _iterate(solver: Any, fn: _Counted, w0: torch.Tensor, precond: torch.Tensor 
     def scale(w: torch.Tensor) -> torch.Tensor:
         return w if scale_rows is None else w.index_select(1, scale_rows)
 
-    eps = max(_REL_EPS, torch.finfo(work_dtype(w0.dtype)).tiny) if rel else 0.0
+    wide = work_dtype(w0.dtype)
+    eps = max(_REL_EPS, torch.finfo(wide).tiny) if rel else 0.0
+    wide = None if wide == w0.dtype else wide  # (passing the iterate's own dtype to a norm would copy it)
     r0 = fn(w0)
     if r0.shape != w0.shape:
         raise ValueError(f"{name}: the residual has shape {tuple(r0.shape)} but the unknown has shape {tuple(w0.shape)}; they must match.")
@@ -200,7 +202,13 @@ def _iterate(solver: Any, fn: _Counted, w0: torch.Tensor, precond: torch.Tensor 
                 if n_frozen == 0:
                     mask = None
             state = solver.step(fn, state, mask)
-            res_abs, res = _measure(state.r, scale(state.w) if rel else state.w, rel, getattr(state, "r_norm", None), eps)
+            # `_measure`, inlined: this runs every step
+            res_abs = getattr(state, "r_norm", None)
+            if res_abs is None:
+                res_abs = torch.linalg.vector_norm(state.r, dim=1, dtype=wide)
+            elif wide is not None:
+                res_abs = res_abs.to(wide)
+            res = res_abs / torch.linalg.vector_norm(scale(state.w), dim=1, dtype=wide).add_(eps) if rel else res_abs
             improved = res_abs < best_abs  # False for NaN
             if mask is None:
                 unmasked_steps += 1
@@ -221,8 +229,9 @@ def _iterate(solver: Any, fn: _Counted, w0: torch.Tensor, precond: torch.Tensor 
                     best_w = torch.where(take[:, None], state.w, best_w)
                 best_abs = torch.where(take, res_abs, best_abs)
                 # Non-finite, or grown 1e8-fold over its start: the sample ends here (NaN compares False).
-                ended = ~(res_abs <= limit)
-                if not eager or bool(ended.any()):
+                within_limit = res_abs <= limit
+                if not eager or not bool(within_limit.all()):
+                    ended = ~within_limit
                     code = torch.where(torch.isfinite(res_abs), int(Status.DIVERGED), int(Status.NONFINITE))
                     status = torch.where(ended & ~frozen, code, status)
                     frozen = frozen | ended

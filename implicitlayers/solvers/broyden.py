@@ -78,7 +78,9 @@ class Broyden(IterativeSolver):
     def init(self, fn, w, r, precond):
         # Under autograd (Unroll) in-place buffer writes would break the graph, so keep lists then.
         s = SimpleNamespace(w=w, r=r, precond=precond, count=0, n=0, grad=torch.is_grad_enabled())
-        s.r_norm = torch.linalg.vector_norm(r, dim=1)
+        # norms in float32 for half precision (a float16 norm overflows at 256)
+        s.wide = None if work_dtype(r.dtype) == r.dtype else work_dtype(r.dtype)
+        s.r_norm = torch.linalg.vector_norm(r, dim=1, dtype=s.wide)
         s.limit = _GROWTH * s.r_norm  # a trial above this residual norm is rejected
         s.Hr = self._h0(precond, r)
         s.loosen = None  # per-sample factor on the limit after rejections in a row; None while none
@@ -116,7 +118,7 @@ class Broyden(IterativeSolver):
         # y goes straight into its slot (when the memory is full, the slot of the pair about to leave).
         slot = None if s.grad else (s.count % self.memory if s.n == self.memory else s.n)
         y = torch.sub(r_trial, s.r, out=None if slot is None else s.pairs.Y_slot[slot])
-        r_norm = torch.linalg.vector_norm(r_trial, dim=1)
+        r_norm = torch.linalg.vector_norm(r_trial, dim=1, dtype=s.wide)
         # False for NaN. Each rejection in a row loosens the sample's limit `_LOOSEN`-fold (`s.loosen`).
         accepted = (r_norm <= s.limit) if s.loosen is None else (r_norm <= s.limit * s.loosen)
         # On the CPU the host test is free; elsewhere (and under autograd) the masks are always applied.
