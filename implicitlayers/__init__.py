@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # what type checkers and the API docs read; at run time each 
     from .solvers import FixedPointIteration as FixedPointIteration
     from .solvers import ScipyRoot as ScipyRoot
     from .solvers import SolveInfo as SolveInfo
+    from .solvers import Status as Status
     from .solvers import fixed_point as fixed_point
     from .solvers import root as root
 
@@ -76,6 +77,7 @@ _EXPORTS = {
     "FixedPointIteration": ".solvers",
     "ScipyRoot": ".solvers",
     "SolveInfo": ".solvers",
+    "Status": ".solvers",
     "fixed_point": ".solvers",
     "root": ".solvers",
 }
