@@ -11,6 +11,7 @@ training mode is: a capped copy of the layer's solver plus `Phantom(k, λ)`, swa
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from typing_extensions import Self
 
 from ..backward import Phantom
-from ..layer import ImplicitLayer
+from ..layer import ImplicitLayer, intercept_solves
 from ._trajectory import _check_damping
 
 __all__ = ["RandomIntermediateStates", "random_intermediate_states"]
@@ -38,7 +39,7 @@ class RandomIntermediateStates:
         self.layers, self.max_steps, self.generator = layers, max_steps, generator
         self.phantom = Phantom(k=k, damping=damping)
         self.budgets: list[int] = []
-        self._saved: list[Any] | None = None
+        self._saved: contextlib.ExitStack | None = None
         self._handles = [
             model.register_forward_pre_hook(self._enter),
             model.register_forward_hook(self._exit, always_call=True),
@@ -49,17 +50,17 @@ class RandomIntermediateStates:
             return  # evaluation, attacks in eval mode and nested calls see the layers as they are
         budget = int(torch.randint(1, self.max_steps + 1, (), generator=self.generator))
         self.budgets.append(budget)
-        self._saved = [(layer.solver, layer.backward_mode) for layer in self.layers]
-        for layer in self.layers:
-            # A capped solve stops short of the tolerance by design: that is not a failure to report.
-            layer.solver = layer.solver.replace(max_iter=budget, on_failure="ignore")
-            layer.backward_mode = self.phantom
+        # For this call only, and in this thread only: the layers themselves are never modified.
+        # A capped solve stops short of the tolerance by design: that is not a failure to report.
+        self._saved = contextlib.ExitStack()
+        self._saved.enter_context(
+            intercept_solves(solver=lambda s: s.replace(max_iter=budget, on_failure="ignore"), backward=self.phantom)
+        )
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._saved is None:
             return
-        for layer, (solver, backward) in zip(self.layers, self._saved):
-            layer.solver, layer.backward_mode = solver, backward
+        self._saved.close()
         self._saved = None
 
     def remove(self) -> None:
