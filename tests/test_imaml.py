@@ -22,7 +22,6 @@ import implicitlayers as il
 from implicitlayers.models.imaml import default_backward
 
 
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """These problems are tiny: one thread avoids threading overhead (and thrashing on a loaded machine)."""

@@ -203,7 +203,7 @@ def test_random_linear_dags_match_dense_solution_and_blocks_are_topological(spec
         offsets = [sum(dims[m] for m in block[:j]) for j in range(len(block) + 1)]
         rows = {}
         for j, n in enumerate(block):
-            own = [T[offsets[j] : offsets[j + 1], offsets[l] : offsets[l + 1]] for l in range(len(block))]
+            own = [T[offsets[j] : offsets[j + 1], offsets[k] : offsets[k + 1]] for k in range(len(block))]
             Bx = torch.randn(dims[n], n_in, dtype=torch.float64, generator=gen)
             Cs = [0.5 * torch.randn(dims[n], dims[e], dtype=torch.float64, generator=gen) for e in reads[n]]
             rows[n] = (Bx, Cs)

@@ -22,7 +22,6 @@ concepts page on the KKT system).
 from __future__ import annotations
 
 import copy
-
 from typing import Any, Callable, Sequence
 
 import torch

@@ -53,12 +53,12 @@ from ._per_state import StateReport as StateReport
 from ._per_state import evaluate_states as evaluate_states
 from ._random_states import RandomIntermediateStates as RandomIntermediateStates
 from ._random_states import random_intermediate_states as random_intermediate_states
+from ._training import adversarial_loss as adversarial_loss
+from ._training import trades_loss as trades_loss
 from ._trajectory import DEQClassifier as DEQClassifier
 from ._trajectory import IntermediateState as IntermediateState
 from ._trajectory import SolverRun as SolverRun
 from ._trajectory import prediction_entropy as prediction_entropy
-from ._training import adversarial_loss as adversarial_loss
-from ._training import trades_loss as trades_loss
 
 __all__ = [
     "DEQClassifier",

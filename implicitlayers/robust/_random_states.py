@@ -5,8 +5,8 @@ entropy). The remedy: at every training forward, draw a solver budget `T ~ U{1, 
 steps without gradient, then `k` damped steps `z ← (1 − λ) z + λ f(z)` with gradient, and put the loss
 on that state. In this library the damped steps from the solver's output are exactly the
 [`il.Phantom`][implicitlayers.Phantom] backward mode (for a DEQ, `F(z) = z − R(z) = f(z)`), so the
-training mode is: a capped copy of the layer's solver plus `Phantom(k, λ)`, swapped into every
-`il.ImplicitLayer` of the model for the duration of one training-mode call. Nothing here solves.
+training mode is: a capped copy of the layer's solver plus `Phantom(k, λ)`, applied (through
+`intercept_solves`) to every `il.ImplicitLayer` solve of one training-mode call. Nothing here solves.
 """
 
 from __future__ import annotations
