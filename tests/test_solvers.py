@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import implicitlayers as il
+from implicitlayers.solvers import WritesInto
 
 SOLVERS = {
     "picard": lambda **kw: il.FixedPointIteration(**kw),
@@ -180,16 +181,16 @@ def test_anderson_steps_are_the_textbook_ones(m, grad):
 
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_a_residual_that_writes_into_a_buffer_gives_the_same_steps(name):
-    # A residual function may offer to write into the solver's buffer (Anderson's history slot);
-    # taking the offer must change nothing but where the numbers are stored.
+    # A residual function wrapped in WritesInto may write into the solver's buffer (Anderson's history
+    # slot); taking the offer must change nothing but where the numbers are stored.
     R = _smooth_residual(seed=9)
     offered = []
 
-    def into(w, out=None):
+    def write(w, out=None):
         offered.append(out is not None)
         return R(w) if out is None else out.copy_(R(w))
 
-    into.writes_into = True
+    into = WritesInto(write)
     w0 = torch.zeros(3, 5, dtype=torch.float64)
     solver = SOLVERS[name](tol=1e-300, max_iter=12, trace=True, on_failure="ignore", stop="abs")
     with torch.no_grad():  # (under autograd Anderson keeps its history in lists, without buffers)

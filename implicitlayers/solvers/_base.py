@@ -3,25 +3,32 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping
+from typing import ClassVar, Mapping
 
 import torch
 
 from ._config import SolverConfig
 from ._info import SolveInfo
-from ._loop import ResidualFn, iterate
+from ._linear import linear_system
+from ._loop import iterate
+from ._protocol import MatVec, ResidualFn
 
 __all__ = ["IterativeSolver"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class IterativeSolver(SolverConfig):
-    """A solver that implements `init(fn, w, r, precond) -> state` and `step(fn, state, frozen) -> state`.
+    """The base of a solver that implements `init`/`step` (the `IterativeMethod` protocol).
 
-    The state exposes the newest iterate `w` and its residual `r`; `frozen` is the `(B,)` mask of samples
+    `init(fn, w, r, precond) -> state` and `step(fn, state, frozen) -> state`: the state exposes the
+    newest iterate `w` and its residual `r` (an `IterativeState`); `frozen` is the `(B,)` mask of samples
     whose iterate must not change. Everything else (stopping, statistics, failure policy) is the loop's.
-    `release(state)` runs once the solve has ended, to hand buffers back (see `_workspace`).
+    `release(state)` runs once the solve has ended, to hand buffers back (see `_workspace`). The class
+    supplies `solve` (a `Solver`) and `solve_linear` (a `LinearSolver`).
     """
+
+    # Advice by failure cause for a linear solve's failure message (`apply_failure_policy`); None: the default.
+    linear_hints: ClassVar[Mapping[str, str] | None] = None
 
     def release(self, state) -> None:
         """Hand the state's reusable buffers back once the solve has ended (nothing to do by default)."""
@@ -45,7 +52,7 @@ class IterativeSolver(SolverConfig):
 
     def solve_linear(
         self,
-        matvec: Callable[[torch.Tensor], torch.Tensor],
+        matvec: MatVec,
         b: torch.Tensor,
         x0: torch.Tensor | None = None,
         *,
@@ -53,15 +60,12 @@ class IterativeSolver(SolverConfig):
         name: str = "linear solve",
         hints: Mapping[str, str] | None = None,
     ) -> tuple[torch.Tensor, SolveInfo]:
-        """Solve `A x = b` per sample as the root of `R(x) = A x − b`.
+        """Solve `A x = b` per sample as the root of `R(x) = A x − b`, on the shared loop.
 
-        Picard and Anderson then iterate `x ← x − P ⊙ (A x − b)`, which for the IFT adjoint of a
-        fixed point (`A = I − Jᵀ`) is the classic `x ← b + Jᵀ x`.
+        The relative stopping measure is ‖A x − b‖ / ‖b‖ (`stop="rel"`). Picard and Anderson iterate
+        `x ← x − P ⊙ (A x − b)`, which for the IFT adjoint of a fixed point (`A = I − Jᵀ`) is the classic
+        `x ← b + Jᵀ x` (the Neumann series, see `il.linear.Neumann`).
         """
-        start = torch.zeros_like(b) if x0 is None else x0
-
-        def residual(x: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
-            return torch.sub(matvec(x), b, out=into)
-
-        residual.writes_into = True  # type: ignore[attr-defined]
-        return self.solve(residual, start, precond=precond, name=name, hints=hints)
+        system = linear_system(self, matvec, b, x0, precond, name)
+        return iterate(self, system.residual, system.x0, precond=precond, name=name, hints=hints or self.linear_hints,
+                       scale=system.scale, r0=system.r0)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from ._info import SolveInfo
+from ._protocol import ResidualFn, Solver, WritesInto
 from .anderson import Anderson
 from .broyden import Broyden
 
@@ -32,27 +33,28 @@ def _check_start(z0: object, who: str) -> torch.Tensor:
     return z0
 
 
-def _flat_residual(fn: Callable[[torch.Tensor], torch.Tensor], shape: torch.Size, who: str, fixed: bool):
-    def residual(w: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+def _flat_residual(fn: Callable[[torch.Tensor], torch.Tensor], shape: torch.Size, who: str,
+                   fixed: bool) -> ResidualFn | WritesInto:
+    def residual(w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         z = w.reshape(shape)
-        out = fn(z)
-        if not isinstance(out, torch.Tensor) or out.shape != shape:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        value = fn(z)
+        if not isinstance(value, torch.Tensor) or value.shape != shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"{who}: the function returned {got} for an input of shape {tuple(shape)}; it must return the same shape.")
-        out = out.reshape(shape[0], -1)
-        if out.dtype != w.dtype:  # the solve runs in the start's dtype (e.g. a float64 map, or autocast's bfloat16)
-            out = out.to(w.dtype)
-        return torch.sub(w, out, out=into) if fixed else out
+        value = value.reshape(shape[0], -1)
+        if value.dtype != w.dtype:  # the solve runs in the start's dtype (e.g. a float64 map, or autocast's bfloat16)
+            value = value.to(w.dtype)
+        return torch.sub(w, value, out=out) if fixed else value
 
-    residual.writes_into = fixed  # type: ignore[attr-defined]  # a root's g(z) is already a fresh tensor
-    return residual
+    # z − f(z) can be written straight into a solver's buffer; a root's g(z) is already a fresh tensor.
+    return WritesInto(residual) if fixed else residual
 
 
 def _solve(fn, z0, solver, who: str, fixed: bool) -> FunctionalSolution:
     z0 = _check_start(z0, who)
     if not callable(fn):
         raise TypeError(f"{who}: the first argument must be callable, got {type(fn).__name__}.")
-    if not hasattr(solver, "solve"):
+    if not isinstance(solver, Solver):
         raise TypeError(f"{who}: solver must be an implicitlayers solver (e.g. il.Anderson()), got {type(solver).__name__}.")
     residual = _flat_residual(fn, z0.shape, who, fixed)
     with torch.no_grad():
@@ -61,7 +63,7 @@ def _solve(fn, z0, solver, who: str, fixed: bool) -> FunctionalSolution:
 
 
 def fixed_point(
-    f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, solver: Any = None
+    f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, solver: Solver | None = None
 ) -> FunctionalSolution:
     """Solve `z = f(z)` per sample from `z0` (no gradient; see `ImplicitLayer` for differentiable solves).
 
@@ -69,7 +71,7 @@ def fixed_point(
         f: batched map `(B, ...) -> (B, ...)`; samples must not interact. Its result is cast to the
             dtype of `z0`, in which the whole solve runs.
         z0: the start, `(B, ...)`.
-        solver: any solver (default `Anderson()`); its residual is `z − f(z)`.
+        solver: any `Solver` (default `Anderson()`); its residual is `z − f(z)`, a `WritesInto`.
 
     Returns:
         `FunctionalSolution` with `.value` (shape of `z0`) and `.info` (`SolveInfo`).
@@ -77,7 +79,7 @@ def fixed_point(
     return _solve(f, z0, solver or Anderson(), "fixed_point", fixed=True)
 
 
-def root(g: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, solver: Any = None) -> FunctionalSolution:
+def root(g: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, solver: Solver | None = None) -> FunctionalSolution:
     """Solve `g(z) = 0` per sample from `z0` (no gradient).
 
     Picard and Anderson iterate the map `z ← z − g(z)`, so they suit `g` whose Jacobian is near the
@@ -86,6 +88,6 @@ def root(g: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, solver:
     Args:
         g: batched function `(B, ...) -> (B, ...)`, the same shape as its input (cast to the dtype of `z0`).
         z0: the start, `(B, ...)`.
-        solver: any solver (default `Broyden()`).
+        solver: any `Solver` (default `Broyden()`).
     """
     return _solve(g, z0, solver or Broyden(), "root", fixed=False)

@@ -5,7 +5,7 @@ and the failure policy; a solver only says how to start (`init`) and how to take
 (`step`). A solver works on flat `(B, D)` unknowns and a residual function `R: (B, D) -> (B, D)`
 whose zero is the solution, plus a diagonal preconditioner `P` (`(D,)`, or `None` for ones) that
 defines the fixed-point map `F(w) = w - P * R(w)` used by Picard and Anderson steps. A residual
-function may offer to write into a buffer the solver names (see `_Counted`).
+function wrapped in `WritesInto` may write into a buffer the solver names (see `_protocol`).
 
 Speed notes. Each iteration costs one evaluation plus a handful of `(B,)`-sized kernels here; the
 only host synchronisation is the "is every sample frozen?" test every `check_every` steps (every
@@ -18,35 +18,21 @@ write into an iterate they returned).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Mapping, Protocol
+from typing import Mapping
 
 import torch
 
 from ._info import SolveInfo, Status, apply_failure_policy
 from ._precision import work_dtype
+from ._protocol import IterativeMethod, IterativeState, ResidualFn, WritesInto
 
 __all__ = ["ResidualFn", "IterativeState", "iterate", "stopping_measure"]
-
-ResidualFn = Callable[[torch.Tensor], torch.Tensor]
 
 _REL_EPS = 1e-8
 # A sample whose residual norm grows this much over its start is stopped as diverged.
 _DIVERGED = 1e8
 # A relative residual this many machine epsilons small is at the dtype's floor: a sample stuck there stalled.
 _FLOOR_ULPS = 16
-
-
-class IterativeState(Protocol):
-    """What the loop reads from a solver's state after every step: the newest iterate and its residual
-    (and, optionally, `r_norm`, the per-sample ‖R(w)‖ when the solver has it for free, else `None`).
-
-    `step(fn, state, frozen)` receives `frozen`, the `(B,)` mask of samples whose iterate must not
-    change, or `None` when the loop knows that no sample is frozen. A step must return a new tensor
-    as `state.w` (never one it will later write into), because the loop may keep it as the best iterate.
-    """
-
-    w: torch.Tensor
-    r: torch.Tensor
 
 
 def _measure(
@@ -84,9 +70,9 @@ def stopping_measure(r: torch.Tensor, w: torch.Tensor, stop: str, scale_rows: to
 class _Counted:
     """Wraps the residual function to count batched evaluations, and to hand it an output buffer.
 
-    A residual function whose attribute `writes_into` is true takes a second argument, a `(B, D)`
-    buffer, writes `R(w)` there and returns it (Anderson passes the history slot the residual is
-    headed for, which spares a copy per step). Any other function is called with `w` alone.
+    A residual function wrapped in `WritesInto` is called as `fn(w, out=buffer)` when a solver offers
+    a `(B, D)` buffer (Anderson passes the history slot the residual is headed for, which spares a
+    copy per step). Any other function is called with `w` alone.
 
     Under `torch.autocast` the solver's own arithmetic runs with autocast off (its small systems and
     norms would otherwise run in bfloat16/float16), and each call of the function re-enters the
@@ -96,17 +82,17 @@ class _Counted:
     __slots__ = ("fn", "count", "writes_into", "amp")
 
     def __init__(self, fn: ResidualFn, amp: tuple[str, torch.dtype] | None = None) -> None:
-        self.fn = fn
+        self.writes_into = isinstance(fn, WritesInto)
+        self.fn = fn.fn if isinstance(fn, WritesInto) else fn
         self.count = 0
-        self.writes_into = bool(getattr(fn, "writes_into", False))
         self.amp = amp
 
     def __call__(self, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         self.count += 1
         if self.amp is not None:
             with torch.autocast(self.amp[0], dtype=self.amp[1]):
-                return self.fn(w, out) if out is not None and self.writes_into else self.fn(w)
-        return self.fn(w, out) if out is not None and self.writes_into else self.fn(w)
+                return self.fn(w, out=out) if out is not None and self.writes_into else self.fn(w)
+        return self.fn(w, out=out) if out is not None and self.writes_into else self.fn(w)
 
 
 def _caller_autocast(device_type: str) -> tuple[str, torch.dtype] | None:
@@ -117,7 +103,7 @@ def _caller_autocast(device_type: str) -> tuple[str, torch.dtype] | None:
 
 
 def iterate(
-    solver: Any,
+    solver: IterativeMethod,
     residual_fn: ResidualFn,
     w0: torch.Tensor,
     *,
@@ -125,6 +111,8 @@ def iterate(
     name: str = "solve",
     hints: Mapping[str, str] | None = None,
     scale_rows: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    r0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SolveInfo]:
     """Drive `R(w) = 0` from `w0` with `solver`, sample by sample.
 
@@ -143,16 +131,21 @@ def iterate(
     to the size of the optimised variable would report a start far out along a flat or unbounded
     direction as converged.
 
+    `scale` (`(B,)`, positive) replaces ‖w‖ as the relative measure's divisor: a linear solve passes
+    ‖b‖ + tiny, so that `"rel"` means ‖A x − b‖ / ‖b‖ there. `r0`, when given, is `R(w0)` (a linear
+    solve from zero knows it, `−b`, without a matvec).
+
     Returns:
         The best iterate of each sample, `(B, D)`, and its `SolveInfo`.
     """
     amp = _caller_autocast(w0.device.type)
     with contextlib.nullcontext() if amp is None else torch.autocast(amp[0], enabled=False):
-        return _iterate(solver, _Counted(residual_fn, amp), w0, precond, name, hints, scale_rows)
+        return _iterate(solver, _Counted(residual_fn, amp), w0, precond, name, hints, scale_rows, scale, r0)
 
 
-def _iterate(solver: Any, fn: _Counted, w0: torch.Tensor, precond: torch.Tensor | None, name: str,
-             hints: Mapping[str, str] | None, scale_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, SolveInfo]:
+def _iterate(solver: IterativeMethod, fn: _Counted, w0: torch.Tensor, precond: torch.Tensor | None, name: str,
+             hints: Mapping[str, str] | None, scale_rows: torch.Tensor | None, divisor: torch.Tensor | None,
+             r0: torch.Tensor | None) -> tuple[torch.Tensor, SolveInfo]:
     """`iterate` with the residual function wrapped (and autocast off for the solver's arithmetic).
 
     Per step it tracks only each sample's lowest residual norm (`best_abs`) and its iterate; the
@@ -164,6 +157,8 @@ def _iterate(solver: Any, fn: _Counted, w0: torch.Tensor, precond: torch.Tensor 
     tol, rel, batch = solver.tol, solver.stop == "rel", w0.shape[0]
     if scale_rows is not None and scale_rows.numel() == 0:
         rel, scale_rows = False, None
+    if not rel:
+        divisor = None
 
     def scale(w: torch.Tensor) -> torch.Tensor:
         return w if scale_rows is None else w.index_select(1, scale_rows)
@@ -171,11 +166,15 @@ def _iterate(solver: Any, fn: _Counted, w0: torch.Tensor, precond: torch.Tensor 
     wide = work_dtype(w0.dtype)
     eps = max(_REL_EPS, torch.finfo(wide).tiny) if rel else 0.0
     wide = None if wide == w0.dtype else wide  # (passing the iterate's own dtype to a norm would copy it)
-    r0 = fn(w0)
+    r0 = fn(w0) if r0 is None else r0
     if r0.shape != w0.shape:
         raise ValueError(f"{name}: the residual has shape {tuple(r0.shape)} but the unknown has shape {tuple(w0.shape)}; they must match.")
     state = solver.init(fn, w0, r0, precond)
-    best_abs, res = _measure(r0, scale(w0), rel, eps=eps)
+    if divisor is None:
+        best_abs, res = _measure(r0, scale(w0), rel, eps=eps)
+    else:
+        best_abs = _measure(r0, w0, False)[0]
+        res = best_abs / divisor
     bad = ~torch.isfinite(res)
     frozen = (res <= tol) | bad
     status = bad.long() * int(Status.NONFINITE)
@@ -208,7 +207,12 @@ def _iterate(solver: Any, fn: _Counted, w0: torch.Tensor, precond: torch.Tensor 
                 res_abs = torch.linalg.vector_norm(state.r, dim=1, dtype=wide)
             elif wide is not None:
                 res_abs = res_abs.to(wide)
-            res = res_abs / torch.linalg.vector_norm(scale(state.w), dim=1, dtype=wide).add_(eps) if rel else res_abs
+            if not rel:
+                res = res_abs
+            elif divisor is None:
+                res = res_abs / torch.linalg.vector_norm(scale(state.w), dim=1, dtype=wide).add_(eps)
+            else:
+                res = res_abs / divisor
             improved = res_abs < best_abs  # False for NaN
             if mask is None:
                 unmasked_steps += 1
@@ -244,12 +248,12 @@ def _iterate(solver: Any, fn: _Counted, w0: torch.Tensor, precond: torch.Tensor 
         best_w = w0.clone()
     nstep = nstep + unmasked_steps
     with torch.no_grad():
-        best_res, w_norm = _returned_measure(scale(best_w), best_abs, rel, eps)
+        best_res, w_norm = _returned_measure(scale(best_w), best_abs, rel, eps, divisor)
         # A relative measure is 0 at an infinite iterate: only a finite iterate can have converged.
         converged = (best_res <= tol) & torch.isfinite(w_norm)
         if not bool(converged.all()):  # (else every status is CONVERGED already)
             # A relative residual within a few rounding errors cannot fall further in this dtype.
-            at_floor = best_abs <= (_FLOOR_ULPS * torch.finfo(w0.dtype).eps) * w_norm
+            at_floor = best_abs <= (_FLOOR_ULPS * torch.finfo(w0.dtype).eps) * (w_norm if divisor is None else divisor)
             no_progress = torch.zeros_like(converged) if best_halfway is None else best_abs >= best_halfway
             status = _final_status(status, converged, at_floor | no_progress, torch.isfinite(w_norm))
     info = SolveInfo(nstep=nstep, residual=best_res, converged=converged, nfe=fn.count, trace=trace, status=status)
@@ -257,10 +261,11 @@ def _iterate(solver: Any, fn: _Counted, w0: torch.Tensor, precond: torch.Tensor 
     return best_w, info
 
 
-def _returned_measure(w: torch.Tensor, r_norm: torch.Tensor, rel: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _returned_measure(w: torch.Tensor, r_norm: torch.Tensor, rel: bool, eps: float,
+                      divisor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The stopping measure of the returned iterates (non-finite → inf), and their norms."""
     w_norm = torch.linalg.vector_norm(w, dim=1, dtype=None if work_dtype(w.dtype) == w.dtype else work_dtype(w.dtype))
-    res = r_norm / (w_norm + eps) if rel else r_norm
+    res = (r_norm / (w_norm + eps) if divisor is None else r_norm / divisor) if rel else r_norm
     return torch.nan_to_num(res, nan=float("inf")), w_norm
 
 
