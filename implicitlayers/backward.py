@@ -64,6 +64,11 @@ class BlockSolve:
 
     def __post_init__(self) -> None:
         self.detached = {n: t.detach() for n, t in self.outer.items()}
+        # The caller's autocast, re-entered whenever the residual is evaluated later (in the backward pass,
+        # which runs after the caller's `with torch.autocast(...)` block has closed).
+        device = self.w0.device.type
+        enabled = device in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device)
+        self.autocast = (device, torch.get_autocast_dtype(device)) if enabled else None
 
     @property
     def name(self) -> str:
@@ -73,7 +78,10 @@ class BlockSolve:
         """`R(w)`; `graph` keeps the autograd graph; `theta` reads the outer tensors with their graphs
         (else detached, so that only `w` is differentiated)."""
         env = self.outer if theta else self.detached
-        return self.system.residual(w, env, create_graph=graph, equations_only=equations_only)
+        if self.autocast is None:
+            return self.system.residual(w, env, create_graph=graph, equations_only=equations_only)
+        with torch.autocast(self.autocast[0], dtype=self.autocast[1]):
+            return self.system.residual(w, env, create_graph=graph, equations_only=equations_only)
 
     def forward_solve(self) -> tuple[torch.Tensor, SolveInfo]:
         """Solve the block without recording a graph; the constrained variables are projected onto their sets.

@@ -411,3 +411,24 @@ def test_deq_solver_can_be_replaced():
     assert int(deq.last_info.nstep.max()) <= 3
     with pytest.raises(TypeError, match="DEQ: solver must be"):
         deq.solver = "anderson"
+
+
+def test_autocast_training_through_a_deq_matches_float32():
+    torch.manual_seed(0)
+    inject, weight = torch.nn.Linear(8, 16), torch.nn.Linear(16, 16, bias=False)
+    torch.nn.init.normal_(weight.weight, std=0.3 / 4)
+    # Tolerances at bfloat16's resolution (eps 8e-3): tighter ones stall, and say so.
+    deq = il.DEQ(lambda z, u: torch.tanh(weight(z) + u), solver=il.Anderson(tol=1e-2, max_iter=50),
+                 backward=il.IFT(solver=il.Anderson(tol=1e-2, max_iter=100)))
+    x = torch.randn(4, 8)
+
+    def grads(autocast: bool):
+        weight.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = deq(inject(x))
+        out.float().pow(2).sum().backward()  # the IFT backward runs after the autocast block has closed
+        return weight.weight.grad.clone()
+
+    reference, mixed = grads(False), grads(True)
+    assert torch.isfinite(mixed).all()
+    torch.testing.assert_close(mixed, reference, rtol=0.1, atol=0.05)
