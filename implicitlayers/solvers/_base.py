@@ -11,7 +11,7 @@ from ._config import SolverConfig
 from ._info import SolveInfo
 from ._linear import linear_system
 from ._loop import iterate
-from ._protocol import MatVec, ResidualFn
+from ._protocol import IterativeState, MatVec, ResidualFn
 
 __all__ = ["IterativeSolver"]
 
@@ -29,6 +29,14 @@ class IterativeSolver(SolverConfig):
 
     # Advice by failure cause for a linear solve's failure message (`apply_failure_policy`); None: the default.
     linear_hints: ClassVar[Mapping[str, str] | None] = None
+
+    def init(self, fn: ResidualFn, w: torch.Tensor, r: torch.Tensor, precond: torch.Tensor | None) -> IterativeState:
+        """The state at the start `w` with residual `r = fn(w)` (each solver defines it)."""
+        raise NotImplementedError(f"{type(self).__name__} must define init")
+
+    def step(self, fn: ResidualFn, state: IterativeState, frozen: torch.Tensor | None) -> IterativeState:
+        """One step; `frozen` (`(B,)` or `None`) marks the samples that must not change (each solver defines it)."""
+        raise NotImplementedError(f"{type(self).__name__} must define step")
 
     def release(self, state) -> None:
         """Hand the state's reusable buffers back once the solve has ended (nothing to do by default)."""

@@ -33,8 +33,10 @@ class LinearSystem:
     matvec: MatVec
 
 
-def linear_system(solver: object, matvec: object, b: object, x0: object, precond: object, name: str) -> LinearSystem:
-    """Validate `A x = b` for `solver` (`TypeError`/`ValueError` that name the argument) and pose it as a root."""
+def linear_system(solver: object, matvec: MatVec, b: torch.Tensor, x0: torch.Tensor | None, precond: torch.Tensor | None,
+                  name: str) -> LinearSystem:
+    """Validate `A x = b` for `solver` (`TypeError`/`ValueError` that name the argument: the arguments come from
+    users, whatever their annotations say) and pose it as a root."""
     who = f"{name} ({type(solver).__name__})"
     if not callable(matvec):
         raise TypeError(f"{who}: matvec must be callable (B, D) -> (B, D), got {type(matvec).__name__}.")

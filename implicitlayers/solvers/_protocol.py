@@ -60,12 +60,13 @@ class IterativeState(Protocol):
     Attributes:
         w: the newest iterate, `(B, D)`. A step returns a new tensor here (never one it will later write
             into), because the loop may keep it as a sample's best iterate.
-        r: its residual `R(w)`, `(B, D)`.
+        r: its residual `R(w)`, `(B, D)`; may be `None` where `r_norm` is given (GMRES knows only the norm).
         r_norm: optional; the per-sample ‖R(w)‖ when the method has it for free (else absent or `None`).
+            A non-finite norm ends the sample as non-finite (CG reports a breakdown so).
     """
 
     w: torch.Tensor
-    r: torch.Tensor
+    r: torch.Tensor | None
 
 
 @runtime_checkable
@@ -77,12 +78,18 @@ class IterativeMethod(Protocol):
     `release` once the solve has ended (also after an error).
     """
 
-    tol: float
-    max_iter: int
-    stop: str
-    on_failure: str
-    check_every: int | None
-    trace: bool
+    @property
+    def tol(self) -> float: ...
+    @property
+    def max_iter(self) -> int: ...
+    @property
+    def stop(self) -> str: ...
+    @property
+    def on_failure(self) -> str: ...
+    @property
+    def check_every(self) -> int | None: ...
+    @property
+    def trace(self) -> bool: ...
 
     def init(self, fn: ResidualFn, w: torch.Tensor, r: torch.Tensor, precond: torch.Tensor | None) -> IterativeState:
         """The state at the start `w` with residual `r = fn(w)`; `precond` is the diagonal `P` (`(D,)` or `None`)."""
