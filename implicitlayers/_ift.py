@@ -147,6 +147,7 @@ class AdjointProblem:
     second_order: bool = False
     on_failure: str = "warn"
     report: Callable[[SolveInfo], None] | None = None
+    graph: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def linearized(self, v: torch.Tensor) -> torch.Tensor:
         """`A v` with `A = ∂R/∂w` held constant (no derivative through `A`, even of captured parameters)."""
@@ -165,8 +166,13 @@ class AdjointProblem:
                 return lambda v: vjp_fn(v)[0]
             return lambda v: torch.func.jvp(self.residual, (w_star,), (v,))[1]
         with torch.enable_grad():
-            w = self.w_star.detach().requires_grad_()
-            r = self.residual(w)
+            if self.graph is not None:
+                # R evaluated in the forward pass, at w*, with the parameters of that call: a backward that
+                # runs after `functional_call` has restored other parameters must not re-evaluate R.
+                r, w = self.graph
+            else:
+                w = self.w_star.detach().requires_grad_()
+                r = self.residual(w)
             if transpose:
 
                 def matvec(v: torch.Tensor) -> torch.Tensor:
@@ -247,10 +253,44 @@ def attach_ift(
     fixed-`A` correction leaves out, so gradient penalties are exact.
     """
     w_star = w_star.detach()
-    y = residual_theta(w_star)
+    if inside_functorch_transform():
+        y = residual_theta(w_star)
+    else:
+        # One evaluation serves both derivatives: ∂R/∂θ through the correction below, and the matvecs with
+        # ∂R/∂w of the backward's linear solve (`adjoint.graph`), taken with this call's parameters.
+        w_leaf = w_star.clone().requires_grad_()
+        with torch.enable_grad():
+            y = residual_theta(w_leaf)
+        if not tangents_may_flow() and not _reaches_leaf_other_than(y, w_leaf):
+            return None  # nothing the block reads requires grad
+        adjoint.graph = (y, w_leaf)
     if not y.requires_grad and not tangents_may_flow():  # nothing the block reads requires grad
         return None
     if adjoint.second_order:
         shift = _ImplicitCorrection.apply(y, adjoint)
         y = y + (residual_theta(w_star + shift) - y - adjoint.linearized(shift))
     return w_star + _ImplicitCorrection.apply(y, adjoint)
+
+
+def _reaches_leaf_other_than(t: torch.Tensor, leaf: torch.Tensor, budget: int = 100_000) -> bool:
+    """Whether `t`'s autograd graph reaches a tensor that requires grad other than `leaf` (a parameter, an
+    input): then there is a gradient to attach. Walks the graph of one residual evaluation; a graph too
+    large to walk within `budget` nodes is assumed to reach one."""
+    if t.grad_fn is None:
+        return t.requires_grad and t is not leaf
+    seen: set[int] = set()
+    stack = [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if len(seen) > budget:
+            return True
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf that requires grad
+        if variable is not None:
+            if variable is not leaf:
+                return True
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
