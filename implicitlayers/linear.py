@@ -239,8 +239,9 @@ class GMRES(_Krylov):
     applied twice for stability) and solves each sample's small least-squares problem
     `min_y ‖β e₁ − H y‖` by a QR factorisation, whose last `Q` entry is the residual norm, so every
     sample stops at its own iteration. A diagonal `precond` is applied on the right (`A P u = b`,
-    `x = P u`), which leaves the stopping measure the true residual. `max_iter` counts Arnoldi steps
-    (one matvec each; a restart costs one more).
+    `x = P u`), which leaves the stopping measure the true residual. The residual measured during a
+    cycle is the least-squares estimate (exact up to rounding); a restart measures the true one.
+    `max_iter` counts Arnoldi steps (one matvec each; a restart costs one more).
 
     Args:
         restart: Krylov dimension per cycle (≥ 1); memory is `O(restart · B · D)`.
