@@ -33,9 +33,9 @@ from .solvers._protocol import MatVec
 __all__ = ["CG", "GMRES", "Neumann", "Dense", "MatVec"]
 
 
-def _advice(text: str) -> dict[str, str]:
+def _for_every_cause(advice: str) -> dict[str, str]:
     """The same advice for every failure cause (see `apply_failure_policy`)."""
-    return dict.fromkeys(("max_iter", "stalled", "diverged", "nonfinite"), text)
+    return dict.fromkeys(("max_iter", "stalled", "diverged", "nonfinite"), advice)
 
 
 def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,8 @@ class _Krylov(SolverConfig):
     """A Krylov method on the shared loop: the loop's function is the matvec `A` itself (each call one
     counted product), and the method's state carries `b`; the loop's residual is `A x − b`."""
 
-    _advice: ClassVar[Mapping[str, str]]
+    # Advice by failure cause for the failure message (`apply_failure_policy`), as IterativeSolver.linear_hints.
+    linear_hints: ClassVar[Mapping[str, str]]
 
     def solve_linear(self, matvec: MatVec, b: torch.Tensor, x0: torch.Tensor | None = None, *,
                      precond: torch.Tensor | None = None, name: str = "linear solve",
@@ -65,7 +66,7 @@ class _Krylov(SolverConfig):
         start_product = system.r0 is None
         r0 = system.matvec(system.x0) - b if start_product else system.r0
         method = self._method(b, precond)
-        x, info = iterate(method, system.matvec, system.x0, name=name, hints=hints or self._advice,
+        x, info = iterate(method, system.matvec, system.x0, name=name, hints=hints or self.linear_hints,
                           scale=system.scale, r0=r0)
         return x, dataclasses.replace(info, nfe=info.nfe + start_product) if start_product else info
 
@@ -135,7 +136,7 @@ class CG(_Krylov):
     """
 
     max_iter: int = 100
-    _advice: ClassVar[Mapping[str, str]] = _advice(
+    linear_hints: ClassVar[Mapping[str, str]] = _for_every_cause(
         "CG needs a symmetric positive-definite operator (use il.linear.GMRES otherwise); else increase max_iter or loosen tol")
 
     def _check_precond(self, who: str, precond: torch.Tensor | None) -> None:
@@ -249,7 +250,7 @@ class GMRES(_Krylov):
 
     max_iter: int = 100
     restart: int = 20
-    _advice: ClassVar[Mapping[str, str]] = _advice("increase max_iter or restart, loosen tol, or precondition the system")
+    linear_hints: ClassVar[Mapping[str, str]] = _for_every_cause("increase max_iter or restart, loosen tol, or precondition the system")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -271,7 +272,7 @@ class Neumann(FixedPointIteration):
     truncated series (a fixed number of terms) set `max_iter` and `on_failure="ignore"`.
     """
 
-    linear_hints: ClassVar[Mapping[str, str] | None] = _advice(
+    linear_hints: ClassVar[Mapping[str, str] | None] = _for_every_cause(
         "the series converges only when the spectral radius of I − P·A is below 1; "
         "use il.linear.GMRES, a smaller precond (step), or increase max_iter")
 
