@@ -21,7 +21,7 @@ solvers use no in-place writes on tensors that carry gradients, so their output 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 
@@ -73,7 +73,7 @@ class _Krylov(SolverConfig):
     def _check_precond(self, who: str, precond: torch.Tensor | None) -> None:
         """Reject a preconditioner the method cannot use (nothing by default)."""
 
-    def _method(self, b: torch.Tensor, precond: torch.Tensor | None) -> IterativeMethod:
+    def _method(self, b: torch.Tensor, precond: torch.Tensor | None) -> IterativeMethod[Any]:
         """The method's `init`/`step` bound to this system (each subclass defines it)."""
         raise NotImplementedError(f"{type(self).__name__} must define _method")
 
@@ -143,7 +143,7 @@ class CG(_Krylov):
         if precond is not None and not bool((precond > 0).all()):
             raise ValueError(f"{who}: precond must be positive to keep CG's operator symmetric positive-definite.")
 
-    def _method(self, b: torch.Tensor, precond: torch.Tensor | None) -> IterativeMethod:
+    def _method(self, b: torch.Tensor, precond: torch.Tensor | None) -> IterativeMethod[Any]:
         return _CGMethod(self, precond)
 
 
@@ -179,8 +179,9 @@ class _GMRESMethod:
         batch, dim = r.shape
         v = r / torch.where(r_norm > torch.finfo(r.dtype).tiny, r_norm, 1.0)[:, None]
         # Under autograd the basis is a list (no in-place writes); otherwise one preallocated buffer.
+        basis: list[torch.Tensor] | torch.Tensor
         if torch.is_grad_enabled():
-            basis: list[torch.Tensor] | torch.Tensor = [v]
+            basis = [v]
         else:
             basis = r.new_empty(batch, self.config.restart + 1, dim)
             basis[:, 0] = v
@@ -191,10 +192,11 @@ class _GMRESMethod:
             # Restart from the true residual, which also corrects the drift of the estimate.
             r = self.b - fn(s.w)
             s = self._cycle(s.w, r, torch.linalg.vector_norm(r, dim=1))
-        k, steps, grad = s.k, self.config.restart, isinstance(s.basis, list)
+        k, steps, basis = s.k, self.config.restart, s.basis
+        grad = isinstance(basis, list)
         batch = s.w.shape[0]
         tiny = torch.finfo(s.w.dtype).tiny
-        V = torch.stack(s.basis, 1) if grad else s.basis[:, : k + 1]
+        V = torch.stack(basis, 1) if isinstance(basis, list) else basis[:, : k + 1]
         v = V[:, k]
         w = fn(v if self.precond is None else v * self.precond)
         h = torch.zeros(batch, 1, k + 1, dtype=w.dtype, device=w.device)
@@ -205,10 +207,10 @@ class _GMRESMethod:
         h_next = torch.linalg.vector_norm(w, dim=1)
         # A (near-)zero h_next is a lucky breakdown: the solution lies in the basis; the next vector is unused.
         v_next = w / torch.where(h_next > tiny, h_next, 1.0)[:, None]
-        if grad:
-            s.basis.append(v_next)
+        if isinstance(basis, list):
+            basis.append(v_next)
         else:
-            s.basis[:, k + 1] = v_next
+            basis[:, k + 1] = v_next
         s.columns.append(torch.nn.functional.pad(torch.cat([h[:, 0], h_next[:, None]], 1), (0, steps - k - 1)))
         H = torch.stack(s.columns, 2)[:, : k + 2]
         # With H = Q R (complete), the least-squares residual of β e₁ is β |Q[0, k+1]|, and y = R⁻¹ β Q[0, :k+1].
@@ -257,7 +259,7 @@ class GMRES(_Krylov):
         if not isinstance(self.restart, int) or self.restart < 1:
             raise ValueError(f"GMRES: restart must be an integer >= 1, got {self.restart!r}.")
 
-    def _method(self, b: torch.Tensor, precond: torch.Tensor | None) -> IterativeMethod:
+    def _method(self, b: torch.Tensor, precond: torch.Tensor | None) -> IterativeMethod[Any]:
         return _GMRESMethod(self, b, precond)
 
 

@@ -18,7 +18,7 @@ write into an iterate they returned).
 from __future__ import annotations
 
 import contextlib
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -103,7 +103,7 @@ def _caller_autocast(device_type: str) -> tuple[str, torch.dtype] | None:
 
 
 def iterate(
-    solver: IterativeMethod,
+    solver: IterativeMethod[Any],
     residual_fn: ResidualFn,
     w0: torch.Tensor,
     *,
@@ -143,7 +143,7 @@ def iterate(
         return _iterate(solver, _Counted(residual_fn, amp), w0, precond, name, hints, scale_rows, scale, r0)
 
 
-def _iterate(solver: IterativeMethod, fn: _Counted, w0: torch.Tensor, precond: torch.Tensor | None, name: str,
+def _iterate(solver: IterativeMethod[Any], fn: _Counted, w0: torch.Tensor, precond: torch.Tensor | None, name: str,
              hints: Mapping[str, str] | None, scale_rows: torch.Tensor | None, divisor: torch.Tensor | None,
              r0: torch.Tensor | None) -> tuple[torch.Tensor, SolveInfo]:
     """`iterate` with the residual function wrapped (and autocast off for the solver's arithmetic).

@@ -16,7 +16,7 @@ headed for (Anderson's history slot), which spares a copy per step.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Protocol, runtime_checkable
+from typing import Callable, Mapping, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -65,12 +65,17 @@ class IterativeState(Protocol):
             A non-finite norm ends the sample as non-finite (CG reports a breakdown so).
     """
 
-    w: torch.Tensor
-    r: torch.Tensor | None
+    @property
+    def w(self) -> torch.Tensor: ...
+    @property
+    def r(self) -> torch.Tensor | None: ...
+
+
+S = TypeVar("S", bound=IterativeState)
 
 
 @runtime_checkable
-class IterativeMethod(Protocol):
+class IterativeMethod(Protocol[S]):
     """A method the shared loop drives (`implicitlayers.solvers._loop.iterate`).
 
     The loop reads the options `tol`, `max_iter`, `stop`, `on_failure`, `check_every` and `trace` (see
@@ -91,15 +96,15 @@ class IterativeMethod(Protocol):
     @property
     def trace(self) -> bool: ...
 
-    def init(self, fn: ResidualFn, w: torch.Tensor, r: torch.Tensor, precond: torch.Tensor | None) -> IterativeState:
+    def init(self, fn: ResidualFn, w: torch.Tensor, r: torch.Tensor, precond: torch.Tensor | None, /) -> S:
         """The state at the start `w` with residual `r = fn(w)`; `precond` is the diagonal `P` (`(D,)` or `None`)."""
         ...
 
-    def step(self, fn: ResidualFn, state: IterativeState, frozen: torch.Tensor | None) -> IterativeState:
+    def step(self, fn: ResidualFn, state: S, frozen: torch.Tensor | None, /) -> S:
         """One step. `frozen` is the `(B,)` mask of samples whose iterate must not change, or `None` when none is."""
         ...
 
-    def release(self, state: IterativeState) -> None:
+    def release(self, state: S, /) -> None:
         """Hand reusable buffers back once the solve has ended."""
         ...
 
