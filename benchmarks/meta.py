@@ -126,7 +126,7 @@ def imaml_learner(inner_steps: int, cg_steps: int) -> fd.IMAMLLearner:
     learner = fd.IMAMLLearner(5, inner_steps=inner_steps, cg_steps=cg_steps)
     cg, _ = linear_solver(cg_steps)
     learner.imaml.layer.solver = Unmetered(il.FixedPointIteration(tol=1e-30, max_iter=inner_steps, on_failure="ignore"))
-    learner.imaml.layer.backward_mode = il.IFT(solver=Unmetered(cg))
+    learner.imaml.layer.backward_mode = il.IFT(solver=Unmetered(cg), on_failure="ignore")
     return learner
 
 

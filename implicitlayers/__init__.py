@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # what type checkers and the API docs read; at run time each 
     from . import nn as nn
     from . import robust as robust
     from . import sets as sets
+    from . import solvers as solvers
     from . import testing as testing
     from .backward import IFT as IFT
     from .backward import Phantom as Phantom
@@ -52,6 +53,7 @@ _EXPORTS = {
     "nn": ".nn",
     "robust": ".robust",
     "sets": ".sets",
+    "solvers": ".solvers",
     "testing": ".testing",
     "IFT": ".backward",
     "Phantom": ".backward",

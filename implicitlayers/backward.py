@@ -31,7 +31,7 @@ import torch
 
 from ._ift import AdjointProblem, adjoint_solver, attach_ift
 from ._transforms import active_transforms, tangents_may_flow, vmapped_solve
-from .solvers import SolveInfo
+from .solvers import LinearSolver, SolveInfo
 from .solvers._info import Status
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ class IFT(BackwardMode):
     on_failure: str | None = None
 
     def __post_init__(self) -> None:
-        if self.solver is not None and not hasattr(self.solver, "solve_linear"):
+        if self.solver is not None and not isinstance(self.solver, LinearSolver):
             raise TypeError(
                 f"IFT: solver must be an il.linear solver or a fixed-point solver (il.Anderson, il.Broyden, ...), got {self.solver!r}."
             )

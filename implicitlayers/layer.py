@@ -20,7 +20,7 @@ from ._calls import InitSpec, batched_start, check_init, check_inputs
 from .backward import IFT, BackwardMode, BlockSolve
 from .nn._cache import cached_weights
 from .problem import Input, Problem, Variable
-from .solvers import Anderson, SolveInfo
+from .solvers import Anderson, SolveInfo, Solver
 from .system import BlockSystem
 
 __all__ = ["ImplicitLayer", "Solution", "intercept_solves"]
@@ -161,7 +161,7 @@ class ImplicitLayer(nn.Module):
         check_init(init, problem)
         if backward is not None and not isinstance(backward, BackwardMode):
             raise TypeError(f"ImplicitLayer: backward must be il.IFT(), il.Phantom() or il.Unroll(), got {backward!r}.")
-        if solver is not None and not hasattr(solver, "solve"):
+        if solver is not None and not isinstance(solver, Solver):
             raise TypeError(f"ImplicitLayer: solver must be an implicitlayers solver (e.g. il.Anderson()), got {solver!r}.")
         self.problem = problem
         self.input_names = [i.name for i in inputs]

@@ -440,7 +440,7 @@ def test_functional_call_computes_with_the_given_parameters():
     params = {k: v.detach() + 0.1 for k, v in model.named_parameters()}
     with torch.no_grad():
         out = torch.func.functional_call(model, params, (x,))
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.add_(0.1)
         torch.testing.assert_close(out, model(x), atol=1e-12, rtol=0)
 

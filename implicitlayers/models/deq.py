@@ -16,7 +16,7 @@ from torch import nn
 from ..backward import IFT, Phantom, Unroll
 from ..layer import ImplicitLayer, Solution
 from ..problem import FixedPoint, Input, Problem, Variable
-from ..solvers import Anderson, SolveInfo
+from ..solvers import Anderson, SolveInfo, Solver
 
 __all__ = ["DEQ"]
 
@@ -113,7 +113,7 @@ class DEQ(nn.Module):
 
     @solver.setter
     def solver(self, solver: Any) -> None:
-        if not hasattr(solver, "solve"):
+        if not isinstance(solver, Solver):
             raise TypeError(f"DEQ: solver must be an implicitlayers solver (e.g. il.Anderson()), got {solver!r}.")
         self.layer.solver = solver
 

@@ -2,6 +2,8 @@
 
 from ._cache import cached_weights as cached_weights
 from .icnn import ICNN as ICNN
+from .icnn import PICNN as PICNN
+from .lyapunov import ConditionalLyapunovFunction as ConditionalLyapunovFunction
 from .lyapunov import LyapunovFunction as LyapunovFunction
 from .norms import spectral_norm as spectral_norm
 from .norms import weight_norm as weight_norm
