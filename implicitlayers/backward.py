@@ -31,7 +31,7 @@ import torch
 
 from ._ift import AdjointProblem, adjoint_solver, attach_ift
 from ._transforms import active_transforms, tangents_may_flow, vmapped_solve
-from .solvers import LinearSolver, SolveInfo
+from .solvers import LinearSolver, SolveInfo, apply_failure_policy
 from .solvers._info import Status
 
 if TYPE_CHECKING:
@@ -121,7 +121,57 @@ class BlockSolve:
             w_star, info = self.solver.solve(
                 lambda w: self.system.residual(w, env), w0, precond=self.precond, name=self.name, **self.solve_options()
             )
-            return self.system.project_constrained(w_star), info
+            w_star = self.system.project_constrained(w_star)
+            if self.system.objectives and not self.system.equations:
+                info = self._flag_non_optima(w_star, info, env)
+            return w_star, info
+
+    def _flag_non_optima(self, w: torch.Tensor, info: SolveInfo, env: Mapping[str, torch.Tensor]) -> SolveInfo:
+        """Converged samples that are stationary but not optimal (`Status.NOT_OPTIMAL`), reported as failed.
+
+        A root of the gradient may be a maximum or a saddle point, and Anderson and Broyden (root finders)
+        can converge to one. For each unconstrained objective of a block without equations (its
+        stationarity alone defines the variable), a sample whose objective (signed: a `Maximize` is
+        minimised negated) is lower on *both* sides of it along a random direction is not a minimum.
+        Costs three evaluations of the objective, no derivative; a saddle is found when the direction has
+        negative curvature.
+        """
+        converged = info.converged
+        if not bool(converged.any()):
+            return info
+        values = self.system.unpack(w)
+        scope = {**env, **values}
+        bad = torch.zeros_like(converged)
+        eps = torch.finfo(w.dtype).eps
+        for cond in self.system.objectives:
+            if cond.constraint is not None:
+                continue
+            name = cond.variable.name
+            v = values[name]
+            gen = torch.Generator(device=v.device).manual_seed(0)  # reproducible: the same probe every call
+            d = torch.randn(v.shape, generator=gen, device=v.device, dtype=v.dtype)
+            dims = tuple(range(1, v.dim()))
+            d = d / torch.linalg.vector_norm(d, dim=dims, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+            # A step well above rounding of v, small enough that the objective is near quadratic.
+            h = eps**0.25 * torch.linalg.vector_norm(v, dim=dims, keepdim=True).clamp_min(1.0)
+
+            def signed(at: torch.Tensor) -> torch.Tensor:
+                return cond.sign * self.system._objective_value(cond, {**scope, name: at})
+
+            centre, plus, minus = signed(v), signed(v + h * d), signed(v - h * d)
+            margin = 64 * eps * centre.abs().clamp_min(1.0)
+            bad |= (plus < centre - margin) & (minus < centre - margin)
+        flagged = bad & converged
+        if not bool(flagged.any()):
+            return info
+        status = torch.where(flagged, int(Status.NOT_OPTIMAL), info.status)
+        info = dataclasses.replace(info, converged=converged & ~flagged, status=status)
+        only_new = dataclasses.replace(info, converged=~flagged)
+        apply_failure_policy(
+            only_new, name=self.name, tol=getattr(self.solver, "tol", float("nan")),
+            max_iter=getattr(self.solver, "max_iter", 0), on_failure=getattr(self.solver, "on_failure", "warn"),
+        )
+        return info
 
     def reads_grad(self, w_star: torch.Tensor) -> bool | None:
         """Whether the block's solution depends on anything that requires a gradient.

@@ -29,10 +29,13 @@ class Status(enum.IntEnum):
     """Its residual norm grew a hundred-million-fold over its start, and the loop stopped it."""
     NONFINITE = 4
     """Its residual (or the iterate) turned NaN or infinite; it is returned at its best finite iterate."""
+    NOT_OPTIMAL = 5
+    """Stationary, but not an optimum: the objective of a `Minimize` (`Maximize`) still decreases
+    (increases) on both sides of it along a direction (a maximum or a saddle point)."""
 
 
 _CAUSE_KEYS = {Status.MAX_ITER: "max_iter", Status.STALLED: "stalled", Status.DIVERGED: "diverged",
-               Status.NONFINITE: "nonfinite"}
+               Status.NONFINITE: "nonfinite", Status.NOT_OPTIMAL: "not_optimal"}
 
 _ADVICE = {
     Status.MAX_ITER: "increase max_iter, loosen tol, try another solver (Broyden/Anderson), damp the map, "
@@ -41,6 +44,8 @@ _ADVICE = {
                     "damp the map, or try another solver",
     Status.DIVERGED: "the map expands here: damp it (damping < 1), make it contractive (e.g. spectral "
                      "normalisation), or start closer to the solution",
+    Status.NOT_OPTIMAL: "start elsewhere, or use il.FixedPointIteration (a descent method on the gradient map), "
+                        "which is not drawn to maxima or saddle points as Anderson and Broyden can be",
     Status.NONFINITE: "the map returned NaN/inf: check its inputs and parameters (torch.autograd.detect_anomaly "
                       "finds the operation), and damp the map so that iterates stay in its domain",
 }
@@ -112,6 +117,7 @@ _INTERNAL = tuple(os.path.dirname(m.__file__) + os.sep for m in (sys.modules[__p
 def _cause_summary(status: torch.Tensor, nstep: torch.Tensor, failed: torch.Tensor) -> list[str]:
     parts = []
     for code, what in ((Status.NONFINITE, "turned non-finite"), (Status.DIVERGED, "diverged"),
+                       (Status.NOT_OPTIMAL, "stopped at a stationary point that is not an optimum"),
                        (Status.STALLED, "stalled"), (Status.MAX_ITER, "hit the iteration cap while still improving")):
         rows = ((status == int(code)) & failed).nonzero()[:, 0]
         if rows.numel() == 0:
