@@ -71,13 +71,7 @@ def test_docs_and_readme_have_code() -> None:
 # ---------------------------------------------------------------------------- docstring examples
 # Examples that are fragments (they use a `model`, `layer` or `x` the reader already has): listed
 # here so that they are skipped knowingly, and so that a complete rewrite makes this list shrink.
-FRAGMENTS = {
-    "implicitlayers.nn._cache.cached_weights": "uses `il` and `x`, `z0` without defining them",
-    "implicitlayers.robust": "uses a trained `model`, `x`, `y`, `cell`, `head`, `inject`, `X_test`",
-    "implicitlayers.robust._evaluate.robust_accuracy": "uses `model`, `X_test`, `y_test`",
-    "implicitlayers.robust._random_states.random_intermediate_states": "uses `robust`, `model`, `deq`",
-    "implicitlayers.testing.checks": "uses an existing `layer` and `x`",
-}
+FRAGMENTS: dict[str, str] = {}
 
 
 def _public_modules() -> list[types.ModuleType]:

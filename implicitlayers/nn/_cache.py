@@ -125,7 +125,11 @@ def cached_weights(*modules: nn.Module) -> Iterator[None]:
 
     Example:
         ```python
-        cell = il.nn.spectral_norm(torch.nn.Linear(64, 64))
+        import torch
+        import implicitlayers as il
+
+        cell = il.nn.spectral_norm(torch.nn.Linear(64, 64), bound=0.9)
+        x, z0 = torch.randn(8, 64), torch.zeros(8, 64)
         with il.nn.cached_weights(cell):
             z = il.fixed_point(lambda z: torch.tanh(cell(z) + x), z0).value  # one weight computation
         ```

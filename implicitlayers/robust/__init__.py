@@ -30,8 +30,17 @@ surrogate: the attack follows its gradient while `model` remains the classifier 
 `pgd(..., select="best")`, chooses per sample the iterate that does most harm to `model`).
 
 ```python
+import torch
 import implicitlayers as il
 import implicitlayers.robust as robust
+
+# A small DEQ classifier of 8×8 images in [0, 1] (train it first; the calls below work either way).
+inject, head, mix = torch.nn.Linear(64, 32), torch.nn.Linear(32, 10), torch.nn.Linear(32, 32, bias=False)
+torch.nn.init.normal_(mix.weight, std=0.1)
+cell = lambda z, u: torch.tanh(mix(z) + u)
+model = torch.nn.Sequential(inject, il.DEQ(cell, solver=il.Anderson(tol=1e-4, max_iter=50)), head)
+x, y = torch.rand(8, 64), torch.randint(0, 10, (8,))
+X_test, y_test = torch.rand(16, 64), torch.randint(0, 10, (16,))
 
 x_adv = robust.pgd(model, x, y, eps=0.1, steps=20)                       # ℓ∞ PGD-20
 # A surrogate sharing the classifier's cell: 4 unrolled Picard steps, differentiated by backprop.

@@ -105,8 +105,13 @@ def robust_accuracy(
 
     Example:
         ```python
+        import torch
+        import implicitlayers as il
+
+        model = torch.nn.Sequential(torch.nn.Linear(64, 10))  # any classifier of inputs in [0, 1]
+        X_test, y_test = torch.rand(32, 64), torch.randint(0, 10, (32,))
         acc = il.robust.robust_accuracy(model, (X_test, y_test), eps_list=[0.05, 0.1], steps=20)
-        # {0.0: 0.97, 0.05: 0.81, 0.1: 0.42}
+        print(acc)  # {0.0: clean accuracy, 0.05: ..., 0.1: ...} (a trained model: e.g. 0.97, 0.81, 0.42)
         ```
     """
     who = "robust_accuracy"

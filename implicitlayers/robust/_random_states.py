@@ -95,6 +95,15 @@ def random_intermediate_states(
     once the mode ends. Combine it with either robust loss:
 
     ```python
+    import torch
+    import implicitlayers as il
+    from implicitlayers import robust
+
+    mix = torch.nn.Linear(16, 16, bias=False)
+    torch.nn.init.normal_(mix.weight, std=0.1)
+    deq = il.DEQ(lambda z, u: torch.tanh(mix(z) + u))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16), deq, torch.nn.Linear(16, 10)).train()
+    x, y = torch.rand(8, 64), torch.randint(0, 10, (8,))
     with robust.random_intermediate_states(model, max_steps=8, k=5, damping=0.5):
         loss = robust.trades_loss(model, x, y, eps=0.1)   # or robust.adversarial_loss(...)
         loss.backward()

@@ -5,7 +5,14 @@ your own network) and whose forward returns a tensor or a tuple of tensors. Inpu
 as to the module; every tensor input must carry the leading batch dimension.
 
 ```python
+import torch
+import implicitlayers as il
 from implicitlayers.testing import check_solution, check_gradients, check_batch_independence
+
+z, x_ = il.Variable("z"), il.Input("x")
+layer = il.ImplicitLayer(il.Problem([il.FixedPoint(z, lambda z, x: torch.tanh(0.5 * z + x), (z, x_))]),
+                         [x_], [z], solver=il.Anderson(tol=1e-6, max_iter=100), init={"z": torch.zeros(3)})
+x = torch.randn(4, 3)
 
 check_solution(layer, x)            # every condition holds at the returned solution
 check_gradients(layer, x)           # gradients == float64 finite differences == unrolled autograd
