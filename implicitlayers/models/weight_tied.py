@@ -60,7 +60,6 @@ class WeightTied(nn.Module):
         ```python
         import torch
         import implicitlayers as il
-        from implicitlayers.models.weight_tied import WeightTied
 
         class Cell(torch.nn.Module):
             def __init__(self, d):
@@ -70,7 +69,7 @@ class WeightTied(nn.Module):
             def forward(self, z, x):
                 return torch.tanh(self.linear(z) + x)
 
-        wt = WeightTied(Cell(8), 6, masks="random", density=0.5, seed=0)
+        wt = il.WeightTied(Cell(8), 6, masks="random", density=0.5, seed=0)
         z = wt(torch.randn(4, 8))               # (4, 8)
         print(wt.mask(0)["linear"].float().mean())   # tensor(0.5000)
         z.sum().backward()                     # plain backpropagation through the 6 steps
