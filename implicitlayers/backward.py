@@ -156,7 +156,7 @@ class BlockSolve:
             h = eps**0.25 * torch.linalg.vector_norm(v, dim=dims, keepdim=True).clamp_min(1.0)
 
             def signed(at: torch.Tensor) -> torch.Tensor:
-                return cond.sign * self.system._objective_value(cond, {**scope, name: at})
+                return cond.sign * self.system.objective_value(cond, {**scope, name: at})
 
             centre, plus, minus = signed(v), signed(v + h * d), signed(v - h * d)
             margin = 64 * eps * centre.abs().clamp_min(1.0)

@@ -286,7 +286,7 @@ class BlockSystem:
             )
         return target - out if isinstance(cond, FixedPoint) else out
 
-    def _objective_value(self, cond: Minimize, scope: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def objective_value(self, cond: Minimize, scope: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The objective as written, `(B,)` (its sign for a `Maximize` is applied by the caller)."""
         value = self._call(cond, scope)
         batch = scope[cond.variable.name].shape[0]
@@ -306,7 +306,7 @@ class BlockSystem:
             retain = create_graph or i < last
             v_name = cond.variable.name
             v = values[v_name]
-            loss = self._objective_value(cond, scope)
+            loss = self.objective_value(cond, scope)
             if not loss.requires_grad:
                 raise self._independent_objective(cond)
             if cond in self.total_objectives:
