@@ -359,15 +359,12 @@ def test_optimistix_rosenbrock_least_squares_with_a_scaled_step():
     torch.testing.assert_close(g, torch.full_like(c, 14.0), rtol=1e-7, atol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12 item 8: Broyden at its defaults (and Minimize's default step size 0.1) stalls at its start on "
-    "this well-posed 14-unknown linear least squares (Hessian eigenvalues up to 8e4): no residual below the start's "
-    "in 2000 steps, still after de3ac9f; reported 'stalled', not silent, but solvable (2n steps in exact arithmetic; "
-    "32 steps with step_size=1e-5)",
-)
 def test_optimistix_rosenbrock_least_squares_with_broyden_defaults():
-    """The same problem with `Minimize`'s default step size and Broyden's defaults: it must be solved."""
+    """The same problem with `Minimize`'s default step size and Broyden's defaults: it must be solved.
+
+    Failed on main and after de3ac9f (stalled at its start: every step from H₀ = 0.1·I overshoots the
+    Hessian's 8e4 and was rejected, and each restart went back to the same H₀); solved since restarts
+    rescale H₀ by the last secant pair."""
     c = torch.tensor([[1.0], [0.3]], dtype=F64)
     layer = _minimize_layer(_optimistix_rosenbrock, [c], torch.full((14,), 1.5, dtype=F64),
                             solver=il.Broyden(tol=1e-8, stop="abs", max_iter=300, on_failure="ignore"))

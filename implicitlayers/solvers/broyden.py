@@ -82,7 +82,8 @@ class Broyden(IterativeSolver):
         s.wide = None if work_dtype(r.dtype) == r.dtype else work_dtype(r.dtype)
         s.r_norm = torch.linalg.vector_norm(r, dim=1, dtype=s.wide)
         s.limit = _GROWTH * s.r_norm  # a trial above this residual norm is rejected
-        s.Hr = self._h0(precond, r)
+        s.h0_scale = None  # per-sample factor γ of H₀ = γ·diag(P), learned at restarts; None while all 1
+        s.Hr = self._h0(s, r)
         s.loosen = None  # per-sample factor on the limit after rejections in a row; None while none
         s.scale = None  # per-sample step factor after non-finite trials; None while none
         if s.grad:
@@ -98,8 +99,10 @@ class Broyden(IterativeSolver):
             _workspace.give_back(s.pairs)
 
     @staticmethod
-    def _h0(precond: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        return x if precond is None else x * precond
+    def _h0(s, x: torch.Tensor) -> torch.Tensor:
+        """`H₀ x = γ · P ⊙ x` (`γ` is 1 until a restart has rescaled it)."""
+        out = x if s.precond is None else x * s.precond
+        return out if s.h0_scale is None else out * s.h0_scale.to(out.dtype)[:, None]
 
     def step(self, fn, s, frozen):
         direction = -s.Hr if s.scale is None else s.Hr * -s.scale[:, None]
@@ -141,6 +144,15 @@ class Broyden(IterativeSolver):
             w, r, s.scale, s.loosen = trial, r_trial, None, None
         # The fifth rejection in a row also drops the sample's pairs (a restart from H₀).
         restart = None if s.loosen is None else s.loosen == _LOOSEN**_RESTART_AFTER
+        if restart is not None and (not y.is_cpu or s.grad or bool(restart.any())):
+            # Restart with H₀ rescaled by the last secant pair (Barzilai–Borwein: γ = |sᵀPy| / |Py|²), only
+            # ever shrinking it: five overshooting steps in a row say that H₀'s steps are far too long for
+            # this problem's curvature (a Minimize whose step_size is above 2 / its largest curvature).
+            py = y if s.precond is None else y * s.precond
+            fitted = dot(step, py).abs() / dot(py, py).clamp_min(torch.finfo(py.dtype).tiny)
+            current = torch.ones_like(fitted) if s.h0_scale is None else s.h0_scale
+            fitted = torch.where(torch.isfinite(fitted) & (fitted > 0), torch.minimum(fitted, current), current)
+            s.h0_scale = torch.where(restart, fitted, current)
         if s.grad:
             self._record_unrolled(s, step, y, r, keep, restart)
         else:
@@ -179,7 +191,7 @@ class Broyden(IterativeSolver):
         else:
             row = n
             coeff = torch.cat((coeff, pairs.zero_column), 1)
-        torch.sub(step, self._h0(s.precond, y), out=pairs.Z_slot[slot])
+        torch.sub(step, self._h0(s, y), out=pairs.Z_slot[slot])
         # 1 / yᵀy, with yᵀy floored so that a pair with y = 0 (a frozen sample) drops out
         inv_d = dot(y, y).clamp_min_(torch.finfo(inv.dtype).tiny).reciprocal_()
         if row:
@@ -201,7 +213,7 @@ class Broyden(IterativeSolver):
         c = torch.roll(c, oldest, 1) if oldest else c
         if c.dtype != r.dtype:
             c = c.to(r.dtype)
-        s.Hr = torch.baddbmm(self._h0(s.precond, r)[:, None], c[:, None], pairs.Z_first[n])[:, 0]
+        s.Hr = torch.baddbmm(self._h0(s, r)[:, None], c[:, None], pairs.Z_first[n])[:, 0]
 
     def _record_unrolled(self, s, step, y, r, keep, restart) -> None:
         """The same update under autograd, from lists and without in-place writes (for `Unroll`)."""
@@ -209,7 +221,7 @@ class Broyden(IterativeSolver):
             y = torch.where(keep[:, None], y, 0.0)
             step = torch.where(keep[:, None], step, 0.0)
         s.Y = (s.Y + [y])[-self.memory :]
-        s.Z = (s.Z + [step - self._h0(s.precond, y)])[-self.memory :]
+        s.Z = (s.Z + [step - self._h0(s, y)])[-self.memory :]
         if restart is not None:
             s.Y = [torch.where(restart[:, None], 0.0, v) for v in s.Y]
             s.Z = [torch.where(restart[:, None], 0.0, v) for v in s.Z]
@@ -219,7 +231,7 @@ class Broyden(IterativeSolver):
         N = N + torch.diag_embed(unused.to(N.dtype))
         c = torch.linalg.solve_triangular(N, bmm(Y, r[:, :, None]), upper=True).to(r.dtype)
         s.n = len(s.Y)
-        s.Hr = self._h0(s.precond, r) + torch.bmm(c.mT, Z)[:, 0]
+        s.Hr = self._h0(s, r) + torch.bmm(c.mT, Z)[:, 0]
 
     def _backtrack(self, fn, s, direction, w, r):
         old = torch.linalg.vector_norm(s.r, dim=1)
