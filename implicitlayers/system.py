@@ -85,6 +85,7 @@ class BlockSystem:
         self.dim = offset
         self.reads = sorted({a.name for c in self.conditions for a in c.args} - block_set)
         self.equation_slots = [self.slots[c.variable.name] for c in self.equations]
+        self._relative_rows: dict[torch.device, torch.Tensor] = {}
 
     @staticmethod
     def adjoint_name(objective: Condition, equation: Condition) -> str:
@@ -143,9 +144,12 @@ class BlockSystem:
         """
         if not self.objectives:
             return None
-        optimised = {c.variable.name for c in self.objectives}
-        rows = [torch.arange(s.offset, s.offset + s.size, device=device) for s in self.slots.values() if s.name not in optimised]
-        return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=device)
+        cached = self._relative_rows.get(device)
+        if cached is None:  # built once per device: it is read by every solve of the block
+            optimised = {c.variable.name for c in self.objectives}
+            rows = [torch.arange(s.offset, s.offset + s.size, device=device) for s in self.slots.values() if s.name not in optimised]
+            cached = self._relative_rows[device] = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=device)
+        return cached
 
     def failure_hints(self) -> dict[str, str] | None:
         """Advice by failure cause for a block with objectives: the step size is the usual culprit."""
