@@ -62,8 +62,8 @@ class Model(torch.nn.Module):
 def make_ours(model: Model, tol: float) -> Callable[[torch.Tensor], torch.Tensor]:
     deq = il.DEQ(
         model.cell,
-        solver=il.Anderson(m=5, lam=1e-4, tol=tol, max_iter=50, on_failure="ignore"),
-        backward=il.IFT(solver=il.Anderson(m=5, lam=1e-4, tol=tol, max_iter=100, on_failure="ignore")),
+        solver=il.Anderson(memory=5, lam=1e-4, tol=tol, max_iter=50, on_failure="ignore"),
+        backward=il.IFT(solver=il.Anderson(memory=5, lam=1e-4, tol=tol, max_iter=100, on_failure="ignore")),
     )
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     model64 = Model(args.hidden).to(device).double()
     model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
     ref = make_ours(model64, 1e-10)
-    ref.deq.layer.solver = il.Anderson(m=5, lam=1e-10, tol=1e-10, max_iter=300, on_failure="ignore")
-    ref.deq.layer.backward_mode = il.IFT(solver=il.Anderson(m=5, lam=1e-10, tol=1e-10, max_iter=300, on_failure="ignore"))
+    ref.deq.layer.solver = il.Anderson(memory=5, lam=1e-10, tol=1e-10, max_iter=300, on_failure="ignore")
+    ref.deq.layer.backward_mode = il.IFT(solver=il.Anderson(memory=5, lam=1e-10, tol=1e-10, max_iter=300, on_failure="ignore"))
     g_ref = [g.float() for g in grads(model64, ref, x.double(), y)]
 
     g_ours = grads(model, ours, x, y)

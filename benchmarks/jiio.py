@@ -48,7 +48,7 @@ from benchmarks._common import digits_dataset, min_time, pinned_threads  # noqa:
 from examples import jiio_adversarial  # noqa: E402
 from examples.jiio_digits import DecoderConfig, load_digits_split, squared_error_objective, train_decoder  # noqa: E402
 
-SOLVE = il.Anderson(m=5, tol=1e-4, max_iter=50, on_failure="ignore")
+SOLVE = il.Anderson(memory=5, tol=1e-4, max_iter=50, on_failure="ignore")
 # JIIO's (state, adjoint) dampings tried: the reference code's (0.8, 0.6), which is the layer's default, and none.
 JIIO_DAMPINGS = [(0.8, 0.6), (1.0, 1.0)]
 
@@ -167,7 +167,7 @@ def latent_problem(args):
         alpha, damping, adjoint_damping = setting
         return il.JIIO(cell, head, objective, decoder.latent, state_shape=decoder.state, step_size=alpha,
                        damping=damping, adjoint_damping=adjoint_damping,
-                       solver=il.Anderson(m=5, tol=1e-6, max_iter=T, on_failure="ignore"))
+                       solver=il.Anderson(memory=5, tol=1e-6, max_iter=T, on_failure="ignore"))
 
     settings = [(alpha, *damping) for alpha in (0.1, 0.2) for damping in JIIO_DAMPINGS]
     return make, cell, head, objective, target, (), torch.zeros(target.shape[0], decoder.latent), decoder.state, None, settings
@@ -188,7 +188,7 @@ def adversarial_problem(args):
         alpha, damping, adjoint_damping = setting
         return il.JIIO(cell, head, ex.cross_entropy, 64, constraint=ball, maximize=True, state_shape=model.state,
                        step_size=alpha, damping=damping, adjoint_damping=adjoint_damping,
-                       solver=il.Anderson(m=5, tol=1e-6, max_iter=T, on_failure="ignore"))
+                       solver=il.Anderson(memory=5, tol=1e-6, max_iter=T, on_failure="ignore"))
 
     settings = [(alpha, *damping) for alpha in (1.0, 2.0) for damping in JIIO_DAMPINGS]
     return make, cell, head, ex.cross_entropy, y, (u,), torch.zeros_like(u), model.state, ball.project, settings

@@ -158,7 +158,7 @@ def bench_cg_error(steps: list[int], lam: float = 2.0) -> None:
     sampler = fd.TaskSampler([0, 1, 2, 3, 4], 5, 5, 5, seed=3)
     sx, sy, qx, qy = (t.double() if t.is_floating_point() else t for t in sampler.sample(4))
     model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5)).double()
-    forward = il.Anderson(m=5, tol=1e-12, max_iter=500)
+    forward = il.Anderson(memory=5, tol=1e-12, max_iter=500)
     imaml = il.IMAML(model, F.cross_entropy, lam, solver=forward)
     with torch.no_grad():
         params = imaml(sx, sy)
@@ -266,7 +266,7 @@ def bench_batching(batch: fd.Tasks, repeats: int, inner_steps: int = 16, cg_step
 def bench_jiio(batch: fd.Tasks, repeats: int, max_outer: int = 300) -> None:
     torch.manual_seed(0)
     learner = fd.JIIOContextLearner(5, steps=100)
-    learner.jiio.solver = il.Anderson(m=5, tol=1e-4, max_iter=100, on_failure="ignore")
+    learner.jiio.solver = il.Anderson(memory=5, tol=1e-4, max_iter=100, on_failure="ignore")
     sx, sy, _, _ = batch
     objective = learner.jiio.objective
     lr = learner.jiio.step_size  # the nested loop takes the same gradient step on c as JIIO's input update

@@ -126,7 +126,7 @@ def _methods(tol: float, max_iter: int) -> list[tuple[str, Callable, Callable | 
     theirs = dict(tol=tol, max_iter=max_iter, stop_mode="rel")
     return [
         ("fixed_point_iter", _ours(il.FixedPointIteration(**common)), _theirs("fixed_point_iter", **theirs)),
-        ("anderson", _ours(il.Anderson(m=6, lam=1e-4, **common)), _theirs("anderson", m=6, lam=1e-4, **theirs)),
+        ("anderson", _ours(il.Anderson(memory=6, lam=1e-4, **common)), _theirs("anderson", m=6, lam=1e-4, **theirs)),
         ("broyden", _ours(il.Broyden(**common)), _theirs("broyden", **theirs)),
     ]
 

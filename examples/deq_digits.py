@@ -99,7 +99,7 @@ def train(
     torch.manual_seed(seed)
     # on_failure="ignore": an unregularised DEQ may hit the cap late in training; that is what the
     # NFE plot shows, and the converged fraction is reported rather than warned about every batch.
-    solver = il.Anderson(m=5, tol=1e-4, max_iter=50, on_failure="ignore")
+    solver = il.Anderson(memory=5, tol=1e-4, max_iter=50, on_failure="ignore")
     model = DEQClassifier(hidden, solver)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * -(-len(x_train) // batch_size))

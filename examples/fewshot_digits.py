@@ -100,7 +100,7 @@ class IMAMLLearner(torch.nn.Module):
         super().__init__()
         backward = default_backward(tol=1e-5, max_iter=cg_steps)
         backward = il.IFT(solver=backward.solver.replace(on_failure="ignore"))  # a fixed CG budget, as in the paper
-        solver = il.Anderson(m=5, tol=1e-4, max_iter=inner_steps, on_failure="ignore")
+        solver = il.Anderson(memory=5, tol=1e-4, max_iter=inner_steps, on_failure="ignore")
         self.imaml = il.IMAML(mlp(n_way), F.cross_entropy, lam, solver=solver, backward=backward, step_size=0.1)
 
     def forward(self, sx, sy, qx) -> torch.Tensor:
@@ -190,14 +190,14 @@ class JIIOContextLearner(torch.nn.Module):
 
         self.jiio = il.JIIO(
             self.cell, lambda z, x: self.head(z), objective, input_shape=context,
-            solver=il.Anderson(m=5, tol=1e-4, max_iter=steps, on_failure="ignore"),
+            solver=il.Anderson(memory=5, tol=1e-4, max_iter=steps, on_failure="ignore"),
             backward=il.IFT(solver=il.Anderson(tol=1e-4, max_iter=30, on_failure="ignore")),
             z_init=lambda y, x: x.new_zeros(*y.shape, self.hidden), step_size=step_size,
         )
         # Queries: a DEQ on (x, c*) packed into one input, since il.DEQ takes one tensor.
         self.query_deq = il.DEQ(
             lambda z, xc: self.cell(z, xc[:, 0, 64:], xc[..., :64]),
-            solver=il.Anderson(m=5, tol=1e-4, max_iter=30, on_failure="ignore"),
+            solver=il.Anderson(memory=5, tol=1e-4, max_iter=30, on_failure="ignore"),
             backward=il.IFT(solver=il.Anderson(tol=1e-4, max_iter=30, on_failure="ignore")),
             z_init=lambda xc: xc.new_zeros(*xc.shape[:2], self.hidden),
         )

@@ -63,7 +63,7 @@ class DEQClassifier(nn.Module):
         self.b = nn.Parameter(torch.zeros(state))
         self.out = nn.Linear(state, classes)
         z, u = il.Variable("z"), il.Input("u")
-        solver = il.Anderson(m=5, tol=1e-4, max_iter=50, on_failure="ignore")
+        solver = il.Anderson(memory=5, tol=1e-4, max_iter=50, on_failure="ignore")
         self.deq = il.ImplicitLayer(
             il.Problem([il.FixedPoint(z, self.cell, (z, u))]), [u], [z], solver=solver,
             backward=il.IFT(solver=solver), init={"z": lambda u: u.new_zeros(u.shape[0], self.state)},
@@ -93,7 +93,7 @@ def attack_jiio(model: DEQClassifier, norm: str, iters: int | None = None) -> il
     return il.JIIO(
         lambda z, delta, u: model.cell(z, u + delta), lambda z, u: model.head(z), cross_entropy, model.U.shape[1],
         constraint=ball, maximize=True, state_shape=model.state, step_size=JIIO_STEP[norm],
-        solver=il.Anderson(m=5, tol=1e-4, max_iter=iters or JIIO_ITERS[norm], on_failure="ignore"),
+        solver=il.Anderson(memory=5, tol=1e-4, max_iter=iters or JIIO_ITERS[norm], on_failure="ignore"),
         backward=il.IFT(first_order=True),
     )
 

@@ -70,7 +70,7 @@ class DigitsDecoder(nn.Module):
     def decode(self, x: torch.Tensor, tol: float = 1e-5, max_iter: int = 100) -> torch.Tensor:
         """Images of latent codes `x` `(B, k)` by a plain forward DEQ solve (for sampling)."""
         sol = il.fixed_point(lambda z: self.cell(z, x), x.new_zeros(x.shape[0], self.state),
-                          solver=il.Anderson(m=5, tol=tol, max_iter=max_iter, on_failure="ignore"))
+                          solver=il.Anderson(memory=5, tol=tol, max_iter=max_iter, on_failure="ignore"))
         return self.head(sol.value)
 
 
@@ -102,7 +102,7 @@ def squared_error_objective(prior: float):
 def reconstruction_jiio(decoder: DigitsDecoder, cfg: DecoderConfig, *, objective=None, backward=None,
                         max_iter: int | None = None, tol: float | None = None) -> il.JIIO:
     """The JIIO latent-inference layer of a decoder (an objective other than the squared error may be given)."""
-    solver = il.Anderson(m=5, tol=tol or cfg.jiio_tol, max_iter=max_iter or cfg.jiio_iters, on_failure="ignore")
+    solver = il.Anderson(memory=5, tol=tol or cfg.jiio_tol, max_iter=max_iter or cfg.jiio_iters, on_failure="ignore")
     return il.JIIO(
         decoder.cell, decoder.head, objective or squared_error_objective(cfg.prior), input_shape=decoder.latent,
         solver=solver, backward=backward or il.IFT(first_order=True), state_shape=decoder.state, step_size=cfg.step_size,

@@ -69,10 +69,10 @@ class TanhCell(torch.nn.Module):
 
 def make_core(kind: str, cell: TanhCell, hidden: int, pull: float) -> torch.nn.Module:
     # Attacked inputs may need more iterations; non-convergence is recorded (`max residual`), not raised.
-    solver = il.Anderson(m=5, tol=1e-4, max_iter=50, on_failure="ignore")
+    solver = il.Anderson(memory=5, tol=1e-4, max_iter=50, on_failure="ignore")
     if kind == "DEQ":
         return il.DEQ(cell, solver=solver, z_init=lambda u: torch.zeros_like(u))
-    common = {"alpha": 0.1, "step": 0.5}
+    common = {"alpha": 0.1, "step_size": 0.5}
     if kind == "fixed point":
         return il.LyaDEQ(cell, hidden, lyapunov=il.nn.LyapunovFunction(hidden, (32, 32)), solver=solver, **common)
     if kind == "learned, K=10":
@@ -122,7 +122,7 @@ def solver_table(dim: int = 16, batch: int = 8, seeds: tuple[int, ...] = (0, 1, 
     `tol = 1e-4`, at most 200 iterations, `h = 0.5`.
     """
     solvers = {
-        "Anderson": il.Anderson(m=5, tol=1e-4, max_iter=200, on_failure="ignore"),
+        "Anderson": il.Anderson(memory=5, tol=1e-4, max_iter=200, on_failure="ignore"),
         "Broyden": il.Broyden(tol=1e-4, max_iter=200, on_failure="ignore"),
         "Picard": il.FixedPointIteration(tol=1e-4, max_iter=200, on_failure="ignore"),
     }

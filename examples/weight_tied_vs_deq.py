@@ -115,7 +115,7 @@ class Classifier(torch.nn.Module):
             self.head = torch.nn.Linear(hidden, 10)
         if spec.depth is None:
             # on_failure="ignore": an unregularised DEQ can hit the iteration cap; the rate is reported instead.
-            solver = il.Anderson(m=5, tol=1e-4, max_iter=50, on_failure="ignore")
+            solver = il.Anderson(memory=5, tol=1e-4, max_iter=50, on_failure="ignore")
             backward = il.IFT(on_failure="ignore") if spec.backward == "ift" else il.Phantom(k=5, damping=0.5)
             self.body: torch.nn.Module = il.DEQ(block, solver=solver, backward=backward)
         elif spec.density < 1:

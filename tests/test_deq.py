@@ -16,7 +16,7 @@ import implicitlayers as il
 from implicitlayers.models.weight_tied import WeightTied
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-TIGHT = il.Anderson(m=5, lam=1e-12, tol=1e-12, max_iter=300)
+TIGHT = il.Anderson(memory=5, lam=1e-12, tol=1e-12, max_iter=300)
 
 
 def contraction(dim: int, norm: float, seed: int, dtype=torch.float64) -> torch.Tensor:
@@ -262,7 +262,7 @@ def test_cell_arity_is_checked_at_declaration() -> None:
 
 
 def test_non_convergence_warns_by_default() -> None:
-    deq = il.DEQ(lambda z, x: 1.5 * z + x, solver=il.Anderson(m=1, max_iter=5))
+    deq = il.DEQ(lambda z, x: 1.5 * z + x, solver=il.Anderson(memory=1, max_iter=5))
     with pytest.warns(il.ConvergenceWarning, match="block 0"):
         with torch.no_grad():
             deq(torch.randn(2, 3))

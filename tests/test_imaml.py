@@ -31,7 +31,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-TIGHT = dict(solver=il.Anderson(m=5, tol=1e-12, max_iter=300), backward=il.IFT(solver=il.Anderson(tol=1e-12, max_iter=500)))
+TIGHT = dict(solver=il.Anderson(memory=5, tol=1e-12, max_iter=300), backward=il.IFT(solver=il.Anderson(tol=1e-12, max_iter=500)))
 
 
 def half_mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 import implicitlayers as il
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TIGHT = il.Anderson(m=5, tol=1e-11, max_iter=400)
+TIGHT = il.Anderson(memory=5, tol=1e-11, max_iter=400)
 
 
 @pytest.fixture(autouse=True)
@@ -217,7 +217,7 @@ def test_first_order_is_exact_when_the_outer_loss_is_the_inner_objective():
 
 def test_gradcheck_exact_ift_float64():
     lq = LinearQuadratic(n=4, k=2, p=3)
-    jiio = lq.jiio(solver=il.Anderson(m=5, tol=1e-12, max_iter=500))
+    jiio = lq.jiio(solver=il.Anderson(memory=5, tol=1e-12, max_iter=500))
     y = _y(batch=2, p=3).requires_grad_()
 
     def fn(y):
@@ -233,7 +233,7 @@ def test_gradcheck_constrained_with_context_float64():
     V = torch.randn(3, 4, dtype=torch.float64)
     jiio = il.JIIO(lambda z, x, u: torch.tanh(z @ W.T + x + u), lambda z, u: z @ V.T,
                    lambda o, y, x: 0.5 * ((o - y) ** 2).sum(1), 4, constraint=il.sets.L2Ball(0.3),
-                   state_shape=4, step_size=0.3, solver=il.Anderson(m=5, tol=1e-12, max_iter=500))
+                   state_shape=4, step_size=0.3, solver=il.Anderson(memory=5, tol=1e-12, max_iter=500))
     y = (3 * torch.randn(2, 3, dtype=torch.float64)).requires_grad_()
     u = (0.1 * torch.randn(2, 4, dtype=torch.float64)).requires_grad_()
     assert torch.autograd.gradcheck(lambda y, u: jiio(y, u), (y, u), eps=1e-6, atol=1e-5)
@@ -343,7 +343,7 @@ def test_constrained_input_stays_feasible_when_the_solve_stops_at_its_cap():
     attack = il.JIIO(lambda z, d, u: torch.tanh(z @ W.T + (u + d) @ U.T), lambda z, u: z @ V.T,
                      lambda lo, y, d: torch.nn.functional.cross_entropy(lo, y, reduction="none"), 64,
                      constraint=ball, maximize=True, state_shape=32, step_size=2.0,
-                     solver=il.Anderson(m=5, tol=1e-8, max_iter=20, on_failure="ignore"))
+                     solver=il.Anderson(memory=5, tol=1e-8, max_iter=20, on_failure="ignore"))
     u, y = torch.rand(8, 64), torch.randint(0, 10, (8,))
     delta, _ = attack(y, u)
     assert bool(ball.contains(delta, atol=1e-6).all())

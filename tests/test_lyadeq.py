@@ -23,7 +23,7 @@ from implicitlayers.nn.lyapunov import ConditionalLyapunovFunction
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAST = settings(max_examples=20, deadline=None)
-TIGHT = il.Anderson(m=5, tol=1e-11, max_iter=200)
+TIGHT = il.Anderson(memory=5, tol=1e-11, max_iter=200)
 
 
 class TanhCell(torch.nn.Module):
@@ -84,7 +84,7 @@ def euler_trajectory(
     model: il.LyaDEQ, z: torch.Tensor, x: torch.Tensor, steps: int, anchor=None, step: float | None = None
 ) -> list[torch.Tensor]:
     """`z_{k+1} = z_k + h ż(z_k)`; with the model's `h` (default), the map the layer's solver iterates."""
-    h = model.step if step is None else step
+    h = model.step_size if step is None else step
     states = [z]
     with torch.no_grad():
         for _ in range(steps):
@@ -99,9 +99,9 @@ MODELS = [make_lyadeq(seed=seed, alpha=0.5) for seed in range(3)]
 ANCHORS = [m.solve(randn(8, 5, seed=seed)).values["anchor"] for seed, m in enumerate(MODELS)]
 # The readings whose state depends on V, with the step small enough for Euler to follow the flow.
 READINGS = {
-    "learned, budget": {"centre": "learned", "budget": 40, "step": 0.01},
-    "origin, budget": {"centre": "origin", "budget": 40, "step": 0.01},
-    "conditioned, budget": {"centre": "conditioned", "budget": 40, "step": 0.01},
+    "learned, budget": {"centre": "learned", "budget": 40, "step_size": 0.01},
+    "origin, budget": {"centre": "origin", "budget": 40, "step_size": 0.01},
+    "conditioned, budget": {"centre": "conditioned", "budget": 40, "step_size": 0.01},
 }
 
 
@@ -196,7 +196,7 @@ def test_budget_reading_collapses_towards_the_centre_as_the_budget_grows():
     x, start = randn(6, 5, seed=4), randn(6, 6, seed=9, scale=3.0)
     values = []
     for budget in (10, 50, 250):
-        model = make_lyadeq(alpha=0.5, centre="origin", budget=budget, step=0.05, z_init=start)
+        model = make_lyadeq(alpha=0.5, centre="origin", budget=budget, step_size=0.05, z_init=start)
         with torch.no_grad():
             values.append(model.lyapunov_value(model.equilibrium(x), x))
     assert (values[0] > values[1]).all() and (values[1] > values[2]).all()
@@ -207,7 +207,7 @@ def test_conditioned_reading_solved_to_tolerance_stalls():
     # Measured with the solvers as they are: the centre c(x) is not a fixed point of f, so F̃ is
     # discontinuous at its only zero and neither Anderson nor Broyden get within 100x the tolerance.
     x = randn(4, 5, seed=10)
-    for solver in (il.Anderson(m=5, tol=1e-6, max_iter=200, on_failure="ignore"), il.Broyden(tol=1e-6, max_iter=200, on_failure="ignore")):
+    for solver in (il.Anderson(memory=5, tol=1e-6, max_iter=200, on_failure="ignore"), il.Broyden(tol=1e-6, max_iter=200, on_failure="ignore")):
         model = make_lyadeq(alpha=0.5, centre="conditioned", solver=solver)
         with torch.no_grad():
             model.equilibrium(x)
@@ -334,7 +334,7 @@ def test_projected_dynamics_gradcheck_in_float64():
 )
 def test_layer_gradients_match_finite_differences_in_float64(options):
     if options.get("budget") is None:
-        options = {**options, "solver": il.Anderson(m=5, tol=1e-12, max_iter=100)}
+        options = {**options, "solver": il.Anderson(memory=5, tol=1e-12, max_iter=100)}
     model = make_lyadeq(dim=4, in_features=2, **options)
     if model.learned_centre is not None:
         # Away from the start z_init = 0: F̃ is discontinuous at the centre of V (the concepts page).
@@ -362,7 +362,7 @@ def test_ift_gradients_of_the_fixed_point_reading_equal_the_plain_deq_gradients(
 
 # ---------------------------------------------------------------------------------- training
 def test_the_orthogonal_layer_stays_orthogonal_after_optimiser_steps():
-    model = make_lyadeq(centre="learned", pull=0.5, solver=il.Anderson(m=5, tol=1e-6, max_iter=100))
+    model = make_lyadeq(centre="learned", pull=0.5, solver=il.Anderson(memory=5, tol=1e-6, max_iter=100))
     x, y = randn(16, 5, seed=7), randn(16, 6, seed=8)
     before = model.orthogonal.weight.detach().clone()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
@@ -450,7 +450,7 @@ def test_functional_call_computes_with_the_given_parameters():
     "kwargs, error, message",
     [
         ({"alpha": 0.0}, ValueError, "alpha must be a positive"),
-        ({"step": -1.0}, ValueError, "step must be a positive"),
+        ({"step_size": -1.0}, ValueError, "step_size must be a positive"),
         ({"dim": 0}, ValueError, "dim must be a positive integer"),
         ({"lyapunov": torch.nn.Linear(6, 1)}, TypeError, "value_and_grad"),
         ({"lyapunov": il.nn.LyapunovFunction(3)}, ValueError, "dimension 3, but dim=6"),
@@ -512,3 +512,11 @@ def test_the_robustness_example_runs_in_fast_mode(tmp_path):
     # Q is an isometry: it cannot move class means apart
     assert abs(results["learned, K=10"]["gap z*"][0] - results["learned, K=10"]["gap Qz*"][0]) < 1e-4
     assert {p.name for p in tmp_path.iterdir()} >= {"lyadeq_robustness.md", "lyadeq_robustness.csv", "lyadeq_robustness.png"}
+
+
+def test_step_is_a_deprecated_spelling_of_step_size():
+    with pytest.warns(DeprecationWarning, match="use `step_size`"):
+        model = il.LyaDEQ(lambda z, x: torch.tanh(z + x), 3, step=0.25)
+    assert model.step_size == 0.25
+    with pytest.raises(ValueError, match="step_size must be a positive number"):
+        il.LyaDEQ(lambda z, x: torch.tanh(z + x), 3, step_size=0.0)

@@ -374,7 +374,7 @@ def test_a_solveinfo_without_status_derives_one():
         (lambda: il.Anderson(tol=math.inf), r"tol must be a positive number \(finite\), got inf"),
         (lambda: il.Broyden(check_every=True), "check_every must be None or an integer >= 1, got True"),
         (lambda: il.Broyden(memory=True), "memory must be an integer >= 1, got True"),
-        (lambda: il.Anderson(m=True), "m must be an integer >= 1, got True"),
+        (lambda: il.Anderson(memory=True), "memory must be an integer >= 1, got True"),
         (lambda: il.Anderson(trace="yes"), "trace must be a bool, got 'yes'"),
     ],
 )

@@ -16,7 +16,7 @@ from implicitlayers.solvers import WritesInto
 
 SOLVERS = {
     "picard": lambda **kw: il.FixedPointIteration(**kw),
-    "anderson": lambda **kw: il.Anderson(m=5, **kw),
+    "anderson": lambda **kw: il.Anderson(memory=5, **kw),
     "broyden": lambda **kw: il.Broyden(**kw),
     "broyden_line_search": lambda **kw: il.Broyden(line_search=True, **kw),
     "broyden_short_memory": lambda **kw: il.Broyden(memory=5, **kw),  # overwrites pairs for dim > 5
@@ -173,7 +173,7 @@ def test_anderson_steps_are_the_textbook_ones(m, grad):
     # Its circular history and one-row Gram updates must reproduce the plainly written method.
     R = _smooth_residual(seed=9)
     w0 = torch.zeros(3, 5, dtype=torch.float64)
-    solver = il.Anderson(m=m, lam=1e-4, stop="abs", tol=1e-300, max_iter=9, trace=True, on_failure="ignore")
+    solver = il.Anderson(memory=m, lam=1e-4, stop="abs", tol=1e-300, max_iter=9, trace=True, on_failure="ignore")
     with torch.set_grad_enabled(grad):
         _, info = solver.solve(R, w0)
     torch.testing.assert_close(torch.stack(info.trace), torch.stack(_reference_anderson(R, w0, m, 1e-4, 9)), rtol=1e-9, atol=1e-14)
@@ -343,7 +343,7 @@ def test_unknown_options_are_a_type_error(cls):
         (lambda: il.Anderson(tol=0), "tol must be a positive number"),
         (lambda: il.Broyden(tol=-1e-3), "tol must be a positive number"),
         (lambda: il.FixedPointIteration(max_iter=0), "max_iter must be an integer >= 1"),
-        (lambda: il.Anderson(m=0), "m must be an integer >= 1"),
+        (lambda: il.Anderson(memory=0), "memory must be an integer >= 1"),
         (lambda: il.Anderson(lam=-1.0), "lam must be a finite number >= 0"),
         (lambda: il.Broyden(memory=0), "memory must be an integer >= 1"),
         (lambda: il.Broyden(line_search="yes"), "line_search must be a bool"),
@@ -377,7 +377,19 @@ def test_an_integer_start_is_a_type_error():
 
 
 def test_configs_are_immutable_and_replaceable():
-    solver = il.Anderson(m=3)
+    solver = il.Anderson(memory=3)
     with pytest.raises(AttributeError):
         solver.m = 4
     assert solver.replace(m=4).m == 4 and solver.m == 3
+
+
+def test_anderson_memory_is_one_name_with_broyden_and_m_is_its_alias():
+    assert il.Anderson(m=3) == il.Anderson(memory=3) and il.Anderson(memory=3).m == 3
+    assert il.Anderson(memory=3).replace(m=7).memory == 7
+    assert il.Anderson(m=2, memory=2).memory == 2
+    with pytest.raises(TypeError, match="m is an alias of memory"):
+        il.Anderson(m=3, memory=4)
+    with pytest.raises(ValueError, match="memory must be an integer >= 1"):
+        il.Anderson(m=0)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        il.Anderson(history=3)

@@ -242,7 +242,7 @@ def test_weight_norm_with_masks_trains_g_and_v():
 def test_a_contractive_weight_tied_model_tends_to_the_deq_with_depth():
     cell = TanhCell(6, norm=0.6, dtype=torch.float64)
     x = torch.randn(3, 6, dtype=torch.float64)
-    tight = il.Anderson(m=5, lam=1e-12, tol=1e-13, max_iter=300)
+    tight = il.Anderson(memory=5, lam=1e-12, tol=1e-13, max_iter=300)
     deq = il.DEQ(cell, solver=tight, backward=il.IFT(solver=tight))
     z_star = deq(x)
     (g_star,) = torch.autograd.grad(z_star.square().sum(), cell.linear.weight)

@@ -14,7 +14,7 @@ import implicitlayers as il
 from implicitlayers.solvers import _workspace
 
 SOLVERS = {
-    "anderson": lambda: il.Anderson(m=4, tol=1e-10, max_iter=60, on_failure="ignore"),
+    "anderson": lambda: il.Anderson(memory=4, tol=1e-10, max_iter=60, on_failure="ignore"),
     "broyden": lambda: il.Broyden(memory=5, tol=1e-10, max_iter=60, on_failure="ignore"),
 }
 

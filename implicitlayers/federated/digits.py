@@ -62,7 +62,7 @@ class DigitsDEQ(nn.Module):
         # its final forward residual instead.
         self.deq = DEQ(
             _TanhCell(hidden),
-            solver=Anderson(m=5, tol=1e-4, max_iter=max_iter, on_failure="ignore"),
+            solver=Anderson(memory=5, tol=1e-4, max_iter=max_iter, on_failure="ignore"),
             backward=IFT(on_failure="ignore"),
         )
         self.head = nn.Linear(hidden, NUM_CLASSES)

@@ -35,7 +35,7 @@ class DEQ(nn.Module):
             as the submodule `cell`, so its parameters appear in `deq.parameters()`; parameters
             captured by a plain function receive gradients too, but you must hand them to the
             optimizer yourself.
-        solver: forward solver (default `il.Anderson(m=5, tol=1e-4, max_iter=50)`); any
+        solver: forward solver (default `il.Anderson(memory=5, tol=1e-4, max_iter=50)`); any
             implicitlayers solver, e.g. `il.Broyden(...)` or `il.FixedPointIteration(...)`.
         backward: `il.IFT()` (default), `il.Phantom(k, damping)` or `il.Unroll()`.
         z_init: the solver's start. `None` (default) starts at zeros shaped like `x`; a tensor is either
@@ -99,7 +99,7 @@ class DEQ(nn.Module):
             Problem([FixedPoint(z, cell, (z, x))]),
             inputs=[x],
             outputs=[z],
-            solver=solver if solver is not None else Anderson(m=5, tol=1e-4, max_iter=50),
+            solver=solver if solver is not None else Anderson(memory=5, tol=1e-4, max_iter=50),
             backward=backward,
             init={"z": start},
             register_modules=False,

@@ -47,7 +47,7 @@ def default_backward(tol: float = 1e-6, max_iter: int = 100) -> IFT:
     try:
         from ..linear import CG
     except ImportError:  # pragma: no cover - only while the linear solvers are not installed
-        return IFT(solver=Anderson(m=5, tol=tol, max_iter=max_iter))
+        return IFT(solver=Anderson(memory=5, tol=tol, max_iter=max_iter))
     return IFT(solver=CG(tol=tol, max_iter=max_iter))
 
 
@@ -66,7 +66,7 @@ class IMAML(nn.Module):
             over the support set). It is vectorised over tasks with `torch.func.vmap`, so it must be a
             pure tensor function (no `.item()`, no data-dependent Python branching).
         lam: the proximal strength λ > 0 (the paper uses λ = 2). Larger λ keeps `φ*` closer to `θ`.
-        solver: forward solver of the inner problem (default `il.Anderson(m=5, tol=1e-5, max_iter=100)`
+        solver: forward solver of the inner problem (default `il.Anderson(memory=5, tol=1e-5, max_iter=100)`
             on the gradient-step map `φ ← φ − step_size · R(φ)`); `il.Broyden` works on `R` directly.
         backward: `il.IFT(solver=il.linear.CG(...))` by default (`default_backward()`); `il.Phantom`
             and `il.Unroll` also apply.
@@ -129,7 +129,7 @@ class IMAML(nn.Module):
             problem,
             inputs=[theta, sx, sy],
             outputs=[phi],
-            solver=solver if solver is not None else Anderson(m=5, tol=1e-5, max_iter=100),
+            solver=solver if solver is not None else Anderson(memory=5, tol=1e-5, max_iter=100),
             backward=backward if backward is not None else default_backward(),
             init={"phi": _start_at_theta},
         )

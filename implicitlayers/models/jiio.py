@@ -68,7 +68,7 @@ class JIIO(nn.Module):
         constraint: an `il.sets` set for `x` (`Box`, `L2Ball`, `LInfBall`), or `None`.
         maximize: maximise the objective instead (e.g. the loss of an adversarial perturbation).
         solver: forward solver of the augmented block; default
-            `il.Anderson(m=5, tol=1e-4, max_iter=100)`.
+            `il.Anderson(memory=5, tol=1e-4, max_iter=100)`.
         backward: `il.IFT()` (default: exact implicit differentiation of the whole KKT block, which
             needs second derivatives of `cell` and `head`), `il.IFT(first_order=True)` (the reference
             code's choice: `x*` is held constant and only `z = cell(z, x*)` is differentiated, with the
@@ -138,7 +138,7 @@ class JIIO(nn.Module):
         self.state_shape = None if state_shape is None else _shape(state_shape, "state_shape")
         self.z_init = z_init
         self.constraint, self.maximize = constraint, bool(maximize)
-        self.solver = solver if solver is not None else Anderson(m=5, tol=1e-4, max_iter=100)
+        self.solver = solver if solver is not None else Anderson(memory=5, tol=1e-4, max_iter=100)
         self.backward = backward if backward is not None else IFT()
         self.step_size, self.damping, self.adjoint_damping = step_size, damping, adjoint_damping
         # One layer per number of context tensors (the problem's inputs are fixed at declaration) and

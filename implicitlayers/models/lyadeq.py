@@ -11,6 +11,7 @@ each one's dynamics, equilibrium, well-posedness and gradients). Every state is 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Iterator, Literal
 
 import torch
@@ -74,10 +75,12 @@ class LyaDEQ(nn.Module):
             backpropagation through them.
         pull: with a centre other than `"fixed_point"`: the weight `β > 0` of the balanced dynamics.
         alpha: the guaranteed decay rate `α > 0` of `V` under the projected dynamics.
-        step: the Euler step `h > 0` of the fixed-point map `z ↦ z + h ż` (its fixed points do not depend
-            on `h`; with `budget`, `h` and `budget` set the integrated time `h · budget`).
+        step_size: the Euler step `h > 0` of the fixed-point map `z ↦ z + h ż` (its fixed points do not
+            depend on `h`; with `budget`, `h` and `budget` set the integrated time `h · budget`). The same
+            name as `Minimize(step_size=...)`, the step of the other fixed-point maps.
+        step: deprecated spelling of `step_size` (a `DeprecationWarning`; removed in the next release).
         orthogonal: apply the orthogonal layer `Q` (`False` returns `z*` itself, for ablations).
-        solver: forward solver (default `il.Anderson(m=5, tol=1e-4, max_iter=50)`); not with `budget`.
+        solver: forward solver (default `il.Anderson(memory=5, tol=1e-4, max_iter=50)`); not with `budget`.
         backward: `il.IFT()` (default), `il.Phantom(...)` or `il.Unroll()`; not with `budget`.
         z_init: start of every solve: `None` (zeros `(B, dim)`), a tensor (`(dim,)` or `(B, dim)`) or a
             callable of `x` returning `(B, dim)`.
@@ -112,18 +115,23 @@ class LyaDEQ(nn.Module):
         budget: int | None = None,
         pull: float | None = None,
         alpha: float = 0.1,
-        step: float = 0.5,
+        step_size: float = 0.5,
         orthogonal: bool = True,
         solver: Any = None,
         backward: IFT | Phantom | Unroll | None = None,
         z_init: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
+        step: float | None = None,
     ) -> None:
         super().__init__()
+        if step is not None:
+            warnings.warn("LyaDEQ: `step` is deprecated, use `step_size` (the same Euler step h).",
+                          DeprecationWarning, stacklevel=2)
+            step_size = step
         if not callable(cell):
             raise TypeError(f"LyaDEQ: cell must be a callable (z, x) -> z' or an nn.Module, got {type(cell).__name__}.")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"LyaDEQ: dim must be a positive integer (the size of z), got {dim!r}.")
-        for name, value in (("alpha", alpha), ("step", step)):
+        for name, value in (("alpha", alpha), ("step_size", step_size)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 meaning = "the decay rate of V" if name == "alpha" else "the Euler step h"
                 raise ValueError(f"LyaDEQ: {name} must be a positive number ({meaning}), got {value!r}.")
@@ -136,7 +144,7 @@ class LyaDEQ(nn.Module):
         self.budget = budget
         self.pull = None if pull is None else float(pull)
         self.alpha = float(alpha)
-        self.step = float(step)
+        self.step_size = float(step_size)
         # Registered here only (the layer gets `register_modules=False`; the state maps are bound methods),
         # so each parameter has one name: `functional_call` and `state_dict` see every tensor once.
         self.cell = cell
@@ -161,7 +169,7 @@ class LyaDEQ(nn.Module):
             Problem(conditions),
             inputs=[x],
             outputs=[z],
-            solver=solver if solver is not None else Anderson(m=5, tol=1e-4, max_iter=50),
+            solver=solver if solver is not None else Anderson(memory=5, tol=1e-4, max_iter=50),
             backward=backward,
             init=init,
             register_modules=False,
@@ -260,10 +268,10 @@ class LyaDEQ(nn.Module):
 
     # ------------------------------------------------------------------------------ conditions
     def _anchored_step(self, z: torch.Tensor, anchor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return z + self.step * self.dynamics(z, x, anchor)
+        return z + self.step_size * self.dynamics(z, x, anchor)
 
     def _step(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return z + self.step * self.dynamics(z, x)
+        return z + self.step_size * self.dynamics(z, x)
 
     def _start(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.z_init
@@ -307,7 +315,7 @@ class LyaDEQ(nn.Module):
             reading += f", budget={self.budget}"
         if self.pull is not None:
             reading += f", pull={self.pull}"
-        return f"dim={self.dim}, {reading}, alpha={self.alpha}, step={self.step}, solver={self.layer.solver!r}"
+        return f"dim={self.dim}, {reading}, alpha={self.alpha}, step_size={self.step_size}, solver={self.layer.solver!r}"
 
 
 def _need_anchor(anchor: torch.Tensor | None) -> torch.Tensor:

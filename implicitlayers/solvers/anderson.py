@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from types import SimpleNamespace
 
@@ -20,7 +21,7 @@ __all__ = ["Anderson"]
 class Anderson(IterativeSolver):
     """Anderson acceleration (type II) of the map `F(w) = w − P ⊙ R(w)`.
 
-    With `g_i = F(w_i) − w_i` over the last `m` iterates, each step solves, per sample,
+    With `g_i = F(w_i) − w_i` over the last `m = memory` iterates, each step solves, per sample,
     `min_α ‖Σ α_i g_i‖² + lam ‖α‖²` subject to `Σ α_i = 1` and moves to
     `w ← Σ α_i (w_i + damping · g_i)`.
 
@@ -31,22 +32,33 @@ class Anderson(IterativeSolver):
     batched products and one `m × m` solve (`α ∝ (H + ridge)⁻¹ 1`).
 
     Args:
-        m: history size (≥ 1; `m = 1` is damped fixed-point iteration).
+        memory: history size m (≥ 1; `memory=1` is damped fixed-point iteration), the name `il.Broyden`
+            uses for its own history. `m=` is accepted as an alias (the spelling of the design contract
+            and of the Anderson literature); giving both with different values is a `TypeError`.
         lam: ridge regularisation relative to the largest diagonal entry of the Gram matrix,
             `H + lam · max(diag H) · I` (scale-free; it bounds the condition number by about `m / lam`,
             which keeps the small solve sound even when the history spans many orders of magnitude).
         damping: mixing β in (0, 1].
     """
 
-    m: int = 5
+    memory: int = 5
     lam: float = 1e-4
     damping: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int(self, "m", low=1)
+        check_int(self, "memory", low=1)
         check_real(self, "lam", "a finite number >= 0", lambda v: 0 <= v < math.inf)
         check_real(self, "damping", "a number in (0, 1]", lambda v: 0 < v <= 1)
+
+    @property
+    def m(self) -> int:
+        """The history size (`memory`), under the name of the Anderson literature."""
+        return self.memory
+
+    def replace(self, **changes) -> "Anderson":
+        """A copy with some options changed; `m=` is `memory=`."""
+        return dataclasses.replace(self, **_memory_alias(changes, self))
 
     def init(self, fn, w, r, precond):
         # Under autograd (Unroll) in-place buffer writes would break the graph, so keep lists then.
@@ -56,7 +68,7 @@ class Anderson(IterativeSolver):
         if s.grad:
             s.Y, s.G = [w - self.damping * pr], [pr]
             return s
-        s.hist = _workspace.take(_History, w, self.m)
+        s.hist = _workspace.take(_History, w, self.memory)
         s.eye_lam = s.hist.scaled_eyes(self.lam)
         s.hist.record(w, pr, 0, self.damping)
         return s
@@ -91,13 +103,13 @@ class Anderson(IterativeSolver):
         """`_weights` on the history's Gram matrix, without copying it: the ridge enters through `addcmul`."""
         hist = s.hist
         if self.lam == 0:
-            return self._weights(hist.H_first[n].clone(), hist.ones[n], (s.count - 1) % self.m, in_place=True)
+            return self._weights(hist.H_first[n].clone(), hist.ones[n], (s.count - 1) % self.memory, in_place=True)
         largest = hist.diag_first[n].amax(2, keepdim=True)  # (B, 1, 1)
         y, _ = torch.linalg.solve_ex(torch.addcmul(hist.H_first[n], largest, s.eye_lam[n]), hist.ones[n])
         return (y / y.sum(1, keepdim=True)).mT
 
     def step(self, fn, s, frozen):
-        n = min(s.count, self.m)
+        n = min(s.count, self.memory)
         if s.grad:
             w = self._proposal_unrolled(s, n, frozen)
         else:
@@ -117,9 +129,9 @@ class Anderson(IterativeSolver):
         if s.grad:
             r = fn(w)
             pr = r if s.precond is None else r * s.precond
-            s.Y, s.G = (s.Y + [w - self.damping * pr])[-self.m :], (s.G + [pr])[-self.m :]
+            s.Y, s.G = (s.Y + [w - self.damping * pr])[-self.memory :], (s.G + [pr])[-self.memory :]
         else:
-            slot = s.hist.G_slot[s.count % self.m]
+            slot = s.hist.G_slot[s.count % self.memory]
             if s.precond is None:  # the residual is what the history keeps: let fn write it into its slot
                 r = pr = fn(w, slot)
             else:
@@ -146,6 +158,28 @@ class Anderson(IterativeSolver):
             alpha = self._weights(H, H.new_ones(H.shape[0], n, 1), n - 1, in_place=False)
             w = torch.bmm(alpha.to(Y.dtype), Y)[:, 0]
         return w if frozen is None else torch.where(frozen[:, None], s.w, w)
+
+
+def _memory_alias(kwargs: dict, owner: object) -> dict:
+    """`kwargs` with the alias `m` renamed `memory` (a `TypeError` if both are given and differ)."""
+    if "m" in kwargs:
+        m = kwargs.pop("m")
+        if "memory" in kwargs and kwargs["memory"] != m:
+            raise TypeError(f"{type(owner).__name__}: m is an alias of memory; got m={m!r} and memory={kwargs['memory']!r}.")
+        kwargs["memory"] = m
+    return kwargs
+
+
+_dataclass_init = Anderson.__init__
+
+
+def _init_with_alias(self: Anderson, **kwargs) -> None:
+    _dataclass_init(self, **_memory_alias(kwargs, self))
+
+
+_init_with_alias.__doc__ = _dataclass_init.__doc__
+_init_with_alias.__signature__ = inspect.signature(_dataclass_init)  # type: ignore[attr-defined]
+Anderson.__init__ = _init_with_alias  # type: ignore[method-assign]
 
 
 class _History:
