@@ -2,7 +2,8 @@
 
 Timing: `timed` syncs the device around one call; `median_time` and `round_robin` report medians after
 warm-up runs (`round_robin` interleaves the contenders so that load drifts on a shared machine hit
-all alike); `min_time` reports the least noisy of several runs.
+all alike; `round_robin_samples` returns every run's time instead); `min_time` reports the least noisy
+of several runs.
 
 Memory: `saved_tensor_bytes` counts the distinct storages autograd saves for the backward pass (what
 unrolling makes grow); `step_peak_cpu` is the peak of the running sum of the PyTorch profiler's
@@ -15,7 +16,7 @@ from __future__ import annotations
 import itertools
 import statistics
 import time
-from typing import Callable, TypeVar
+from typing import Callable, Mapping, TypeVar
 
 import torch
 
@@ -29,6 +30,7 @@ __all__ = [
     "median_time",
     "min_time",
     "round_robin",
+    "round_robin_samples",
     "saved_tensor_bytes",
     "step_peak_cpu",
     "step_peak_cuda",
@@ -64,10 +66,18 @@ def min_time(fn: Callable[[], object], repeats: int, device: torch.device = torc
     return min(timed(fn, device) for _ in range(repeats))
 
 
-def round_robin(steps: dict[str, Callable[[], object]], repeats: int, *, warmup: int = 2,
+def round_robin(steps: Mapping[str, Callable[[], object]], repeats: int, *, warmup: int = 2,
                 device: torch.device = torch.device("cpu"), before: Callable[[], object] | None = None) -> dict[str, float]:
     """Median seconds of each step, the steps taking turns (`warmup` untimed rounds first); `before`
     runs untimed before every step (e.g. `zero_grad`)."""
+    samples = round_robin_samples(steps, repeats, warmup=warmup, device=device, before=before)
+    return {name: statistics.median(t) for name, t in samples.items()}
+
+
+def round_robin_samples(steps: Mapping[str, Callable[[], object]], repeats: int, *, warmup: int = 2,
+                        device: torch.device = torch.device("cpu"),
+                        before: Callable[[], object] | None = None) -> dict[str, list[float]]:
+    """Like `round_robin`, but every timed run's seconds, in order, for any statistic (median, minimum)."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(warmup + repeats):
         for name, step in steps.items():
@@ -76,7 +86,7 @@ def round_robin(steps: dict[str, Callable[[], object]], repeats: int, *, warmup:
             seconds = timed(step, device)
             if i >= warmup:
                 times[name].append(seconds)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def saved_tensor_bytes(fn: Callable[[], T]) -> tuple[T, int]:

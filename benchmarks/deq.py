@@ -1,6 +1,6 @@
 """`il.DEQ` against torchdeq: one DEQ training step on scikit-learn's digits, same cell, same tolerances.
 
-Run: `python benchmarks/deq.py [--hidden 256] [--batch 128] [--repeats 15] [--tol 1e-4] [--device cpu|cuda] [--threads N]`
+Run: `python benchmarks/deq.py [--hidden 256] [--batch 128] [--repeats 15] [--tol 1e-4] [--equal-accuracy] [--device cpu|cuda] [--threads N]`
 
 The model is the digits classifier of `examples/deq_digits.py`: input injection `u = U x`
 (64 → hidden), cell `f(z, u) = tanh(W z + u)` with `W` scaled to spectral norm 0.9, head
@@ -15,6 +15,12 @@ system each solves with Anderson to relative tolerance `--tol` (at most 100 iter
   `zero_grad` excluded), ours ÷ torchdeq's, measured round-robin in one process. Part of the
   difference is the iteration count: torchdeq's Anderson starts with two plain steps and stops when
   the *worst* sample converges, ours freezes each sample at its own tolerance;
+- with `--equal-accuracy` (and torchdeq installed), the same comparison at equal gradient error: our
+  forward and backward tolerances are tightened together down the ladder `--tol` × 1, 1/2, 1/5, 1/10,
+  1/20, 1/50, 1/100 until our gradient error against the float64 reference is at most torchdeq's at
+  `--tol`; that setting is timed in the same round-robin as the others, and both ratios are printed
+  (equal tolerance, equal gradient error). If no rung reaches torchdeq's error the last one is timed
+  and the line says so;
 - the memory autograd keeps for the backward pass (bytes of the saved tensors, distinct storages), for
   the DEQ (IFT) and for the same cell unrolled to depth NFE with plain backprop. On CUDA the peak
   allocated memory of the step is printed too.
@@ -59,6 +65,9 @@ class Model(torch.nn.Module):
         return torch.tanh(self.W(z) + u)
 
 
+LADDER = (1, 2, 5, 10, 20, 50, 100)  # --equal-accuracy divides --tol by each in turn
+
+
 def make_ours(model: Model, tol: float) -> Callable[[torch.Tensor], torch.Tensor]:
     deq = il.DEQ(
         model.cell,
@@ -90,6 +99,19 @@ def make_torchdeq(model: Model, tol: float) -> Callable[[torch.Tensor], torch.Te
         return z_out[-1]
 
     return forward
+
+
+def match_gradient_error(model: Model, x, y, g_ref: list[torch.Tensor], target: float, tol: float) -> dict:
+    """Tighten our forward and backward tolerances together down `LADDER` until our gradient error
+    against `g_ref` is at most `target`; the first rung that reaches it (else the last), its error and NFE."""
+    for divisor in LADDER:
+        forward = make_ours(model, tol / divisor)
+        err = max_rel(grads(model, forward, x, y), g_ref)
+        (info,) = forward.deq.layer.backward_info.values()
+        if err <= target:
+            break
+    return {"forward": forward, "tol": tol / divisor, "grad_err": err, "nfe": forward.nfe, "nfe_bwd": info.nfe,
+            "reached": err <= target}
 
 
 def make_unrolled(model: Model, depth: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -143,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--tol", type=float, default=1e-4)
+    parser.add_argument("--equal-accuracy", action="store_true",
+                        help="also time ours with tolerances tightened until our gradient error matches torchdeq's")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
@@ -188,6 +212,10 @@ def main(argv: list[str] | None = None) -> dict:
         results["nfe_torchdeq"] = theirs.nfe
         results["saved_torchdeq"] = saved_bytes(model, theirs, x, y)
         results["peak_torchdeq"] = peak_cuda(model, theirs, x, y, device)
+        if args.equal_accuracy:
+            matched = match_gradient_error(model, x, y, g_ref, results["grad_err_torchdeq"], args.tol)
+            forwards["ours_eq"] = matched.pop("forward")
+            results.update({f"{k}_eq": v for k, v in matched.items()})
     for name, seconds in step_times(model, forwards, x, y, args.repeats, device).items():
         results[f"time_{name}"] = seconds
 
@@ -201,6 +229,9 @@ def _print_table(r: dict, args, device: torch.device) -> None:
           f"threads={torch.get_num_threads()}")
     print(f"{'':28s}{'time/step (ms)':>16s}{'saved for bwd (MiB)':>22s}{'forward NFE':>13s}{'grad err vs f64':>17s}")
     print(f"{'il.DEQ (IFT)':28s}{1e3 * r['time_ours']:16.2f}{r['saved_ours'] / mib:22.3f}{r['nfe']:13d}{r['grad_err_ours']:17.2e}")
+    if "time_ours_eq" in r:
+        label = f"il.DEQ (IFT), tol={r['tol_eq']:g}"
+        print(f"{label:28s}{1e3 * r['time_ours_eq']:16.2f}{'':>22s}{r['nfe_eq']:13d}{r['grad_err_eq']:17.2e}")
     if "time_torchdeq" in r:
         print(f"{'torchdeq (IFT)':28s}{1e3 * r['time_torchdeq']:16.2f}{r['saved_torchdeq'] / mib:22.3f}"
               f"{r['nfe_torchdeq']:13d}{r['grad_err_torchdeq']:17.2e}")
@@ -214,7 +245,12 @@ def _print_table(r: dict, args, device: torch.device) -> None:
     if "time_torchdeq" in r:
         print(f"fixed points: max relative difference {r['z_rel_diff']:.2e}")
         print(f"IFT gradients: max relative difference {r['grad_rel_diff']:.2e}")
-        print(f"time per training step: il.DEQ ÷ torchdeq = {r['time_ours'] / r['time_torchdeq']:.2f}× (target ≤ 0.5×)")
+        print(f"time per training step: il.DEQ ÷ torchdeq = {r['time_ours'] / r['time_torchdeq']:.2f}× at equal tol (target ≤ 0.5×)")
+        if "time_ours_eq" in r:
+            reached = "≤" if r["reached_eq"] else "> (not reached: the ladder's last rung)"
+            print(f"time per training step: il.DEQ ÷ torchdeq = {r['time_ours_eq'] / r['time_torchdeq']:.2f}× at equal gradient "
+                  f"error (ours at tol={r['tol_eq']:g}: {r['grad_err_eq']:.2e} {reached} torchdeq's {r['grad_err_torchdeq']:.2e}; "
+                  f"NFE forward {r['nfe_eq']}, backward {r['nfe_bwd_eq']})")
     else:
         print("torchdeq is not installed (pip install implicitlayers[bench]); its rows are skipped.")
 
