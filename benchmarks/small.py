@@ -285,6 +285,7 @@ def _print_table(r: dict, dim: int, repeats: int) -> None:
     times = med["times"]
     print(f"\nfixed point z = tanh(W z + x), dim={dim}, B={r['batch']}, threads={torch.get_num_threads()}, "
           f"{repeats} interleaved rounds; t(f) = {us * med['t_f']:.1f} µs, t(vjp) = {us * med['t_vjp']:.1f} µs (medians)")
+    print(f"implicitlayers from {pathlib.Path(il.__file__).parent}")
     print(f"{'':40s}{'median (µs)':>12s}{'min (µs)':>10s}{'NFE':>8s}{'÷ floor':>9s}{'÷ torchdeq':>12s}")
     for name, seconds in times.items():
         nfe = f"{r['nfe'][name]}" + (f"+{r['nfe_bwd'][name]}" if name in r["nfe_bwd"] else "")

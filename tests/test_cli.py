@@ -72,3 +72,37 @@ def test_bad_arguments_are_usage_errors(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "nonexistent"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def _benchmark(name: str):
+    """Import `benchmarks/<name>.py` of this checkout as a module (its `main(argv)` returns its numbers)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def test_the_small_benchmark_returns_its_numbers(capsys):
+    small = _benchmark("small")
+    results = small.main(["--batch", "1", "3", "--repeats", "2", "--warmup", "0"])
+    printed = capsys.readouterr().out
+    assert "dim=4, B=1" in printed and "dim=4, B=3" in printed and "per iteration" in printed
+    for batch in (1, 3):
+        r = results[batch]
+        # The forced solves run exactly their iterations (one more evaluation: the last residual).
+        assert [r["nfe"][f"il.fixed_point, {n} iteration{'s' * (n > 1)}"] for n in (1, 10, 20)] == [2, 11, 21]
+        assert r["nfe_bwd"]["ImplicitLayer forward + IFT backward"] >= 1
+        for stat in ("median", "min"):
+            d = r[stat]
+            assert d["t_f"] > 0 and all(t > 0 for t in d["times"].values())
+            assert "il.DEQ forward + IFT backward" in d["times"]
+
+
+def test_deq_benchmark_at_equal_accuracy_matches_torchdeqs_gradient_error(capsys):
+    pytest.importorskip("torchdeq")
+    deq = _benchmark("deq")
+    results = deq.main(["--hidden", "16", "--batch", "8", "--repeats", "1", "--equal-accuracy"])
+    printed = capsys.readouterr().out
+    assert "at equal tol" in printed and "at equal gradient error" in printed
+    # The ladder stops at the first tolerance whose error is at most torchdeq's (or says it did not).
+    assert results["tol_eq"] <= 1e-4 and results["time_ours_eq"] > 0
+    assert results["reached_eq"] == (results["grad_err_eq"] <= results["grad_err_torchdeq"])
