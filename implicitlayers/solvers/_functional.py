@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from ._info import SolveInfo
-from ._protocol import ResidualFn, Solver, WritesInto
+from ._protocol import ResidualFn, Solver, WritesInto, is_solver
 from .anderson import Anderson
 from .broyden import Broyden
 
@@ -54,7 +54,7 @@ def _solve(fn, z0, solver, who: str, fixed: bool) -> FunctionalSolution:
     z0 = _check_start(z0, who)
     if not callable(fn):
         raise TypeError(f"{who}: the first argument must be callable, got {type(fn).__name__}.")
-    if not isinstance(solver, Solver):
+    if not is_solver(solver):
         raise TypeError(f"{who}: solver must be an implicitlayers solver (e.g. il.Anderson()), got {type(solver).__name__}.")
     residual = _flat_residual(fn, z0.shape, who, fixed)
     with torch.no_grad():

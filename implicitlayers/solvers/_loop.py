@@ -175,31 +175,39 @@ def _iterate(solver: IterativeMethod[Any], fn: _Counted, w0: torch.Tensor, preco
     else:
         best_abs = _measure(r0, w0, False)[0]
         res = best_abs / divisor
-    bad = ~torch.isfinite(res)
-    frozen = (res <= tol) | bad
-    status = bad.long() * int(Status.NONFINITE)
-    # best_abs holds no NaN from here on, so `res < best_abs` is False for a NaN residual.
-    best_abs = torch.nan_to_num(best_abs, nan=float("inf"))
-    limit = best_abs * _DIVERGED
+    # 0-dim tensors: comparing with a Python float would wrap it into a new tensor every step.
+    tol_t = torch.full((), tol, dtype=res.dtype, device=res.device)
+    inf_t = torch.full((), float("inf"), dtype=res.dtype, device=res.device)
+    # A sample runs while its measure is finite and above tol (NaN compares False).
+    frozen = ~((res > tol_t) & (res < inf_t))
+    # Per-sample records made only when needed (most solves never need them): the cause of an early end
+    # (`status`), the steps taken while some sample was frozen (`nstep`), the divergence limit (`limit`).
+    status: torch.Tensor | None = None
+    nstep: torch.Tensor | None = None
+    limit: torch.Tensor | None = None
+    start_abs = best_abs
+    # Whether the host knows that no sample is frozen: then a step needs no mask and no test of `frozen`.
+    none_frozen = eager and not bool(frozen.any())
+    if not none_frozen:
+        status = (~torch.isfinite(res)).long() * int(Status.NONFINITE)
+        # best_abs holds no NaN from here on, so `res < best_abs` is False for a NaN residual.
+        best_abs = start_abs = torch.nan_to_num(best_abs, nan=float("inf"))
     best_w = w0
-    nstep = torch.zeros(batch, dtype=torch.long, device=w0.device)
     unmasked_steps = 0  # steps in which the host knew that every sample ran (added to nstep at the end)
     # A sample with no new lowest residual since halfway stalled (judged on runs of at least 10 steps).
     halfway, best_halfway = (solver.max_iter // 2 if solver.max_iter >= 10 else -1), None
     trace = [torch.nan_to_num(res, nan=float("inf"))] if solver.trace else None
-    # 0-dim tensor: comparing with a Python float would wrap it into a new tensor every step.
-    tol_t = res.new_tensor(tol)
     try:
         for k in range(solver.max_iter):
             if k == halfway:
                 best_halfway = best_abs  # never written in place: a reference is a snapshot
-            mask: torch.Tensor | None = frozen
-            if k % check_every == 0:
+            mask: torch.Tensor | None = None if none_frozen else frozen
+            if not none_frozen and k % check_every == 0:
                 n_frozen = int(frozen.sum())
                 if n_frozen == batch:
                     break
                 if n_frozen == 0:
-                    mask = None
+                    mask, none_frozen = None, eager
             state = solver.step(fn, state, mask)
             # `_measure`, inlined: this runs every step
             res_abs = getattr(state, "r_norm", None)
@@ -213,41 +221,55 @@ def _iterate(solver: IterativeMethod[Any], fn: _Counted, w0: torch.Tensor, preco
                 res = res_abs / torch.linalg.vector_norm(scale(state.w), dim=1, dtype=wide).add_(eps)
             else:
                 res = res_abs / divisor
-            improved = res_abs < best_abs  # False for NaN
-            if mask is None:
-                unmasked_steps += 1
-            else:
-                nstep = nstep + ~frozen
-            within = res <= tol_t
-            if eager and bool(improved.all()):  # the common case: every residual finite and lower
-                best_w, best_abs = state.w, res_abs
-                frozen = frozen | within
-            else:
-                # An iterate within tol is the answer even where another had a lower norm (the "rel" test;
-                # with "abs", an unfrozen sample within tol has improved).
-                take = improved | within if rel else improved
-                if eager:  # copying the taken rows is several times cheaper than a row-masked `where` on the CPU
-                    rows = take.nonzero()[:, 0]
-                    best_w = best_w.index_copy(0, rows, state.w.index_select(0, rows))
-                else:
-                    best_w = torch.where(take[:, None], state.w, best_w)
-                best_abs = torch.where(take, res_abs, best_abs)
-                # Non-finite, or grown 1e8-fold over its start: the sample ends here (NaN compares False).
-                within_limit = res_abs <= limit
-                if not eager or not bool(within_limit.all()):
-                    ended = ~within_limit
-                    code = torch.where(torch.isfinite(res_abs), int(Status.DIVERGED), int(Status.NONFINITE))
-                    status = torch.where(ended & ~frozen, code, status)
-                    frozen = frozen | ended
-                frozen = frozen | within
             if trace is not None:
                 trace.append(torch.nan_to_num(res, nan=float("inf")))
+            if mask is None:
+                unmasked_steps += 1
+                if none_frozen:
+                    # The common case, one host test: every residual finite, lower, and still above tol.
+                    if bool(((res_abs < best_abs) & (res > tol_t)).all()):
+                        best_w, best_abs = state.w, res_abs
+                        continue
+                    none_frozen = False
+            else:
+                nstep = (~frozen).long() if nstep is None else nstep + ~frozen
+            improved = res_abs < best_abs  # False for NaN
+            within = res <= tol_t
+            if eager and bool(improved.all()):  # every residual finite and lower; some within tol
+                best_w, best_abs = state.w, res_abs
+                frozen = frozen | within
+                continue
+            # An iterate within tol is the answer even where another had a lower norm (the "rel" test;
+            # with "abs", an unfrozen sample within tol has improved).
+            take = improved | within if rel else improved
+            if eager:  # copying the taken rows is several times cheaper than a row-masked `where` on the CPU
+                rows = take.nonzero()[:, 0]
+                best_w = best_w.index_copy(0, rows, state.w.index_select(0, rows))
+            else:
+                best_w = torch.where(take[:, None], state.w, best_w)
+            best_abs = torch.where(take, res_abs, best_abs)
+            # Non-finite, or grown 1e8-fold over its start: the sample ends here (NaN compares False).
+            if limit is None:
+                limit = torch.nan_to_num(start_abs, nan=float("inf")) * _DIVERGED
+            within_limit = res_abs <= limit
+            if not eager or not bool(within_limit.all()):
+                ended = ~within_limit
+                code = torch.where(torch.isfinite(res_abs), int(Status.DIVERGED), int(Status.NONFINITE))
+                status = torch.where(ended & ~frozen, code, 0 if status is None else status)
+                frozen = frozen | ended
+            frozen = frozen | within
     finally:
         solver.release(state)  # the solve is over: its buffers may serve the next one
     if best_w is w0:  # never hand the caller's tensor back as the solution
         best_w = w0.clone()
-    nstep = nstep + unmasked_steps
+    if nstep is None:
+        nstep = torch.full((batch,), unmasked_steps, dtype=torch.long, device=w0.device)
+    elif unmasked_steps:
+        nstep = nstep + unmasked_steps
+    if status is None:
+        status = torch.zeros(batch, dtype=torch.long, device=w0.device)
     with torch.no_grad():
+        best_abs = torch.nan_to_num(best_abs, nan=float("inf"))
         best_res, w_norm = _returned_measure(scale(best_w), best_abs, rel, eps, divisor)
         # A relative measure is 0 at an infinite iterate: only a finite iterate can have converged.
         converged = (best_res <= tol) & torch.isfinite(w_norm)

@@ -22,7 +22,7 @@ import torch
 
 from ._info import SolveInfo
 
-__all__ = ["ResidualFn", "MatVec", "WritesInto", "IterativeState", "IterativeMethod", "Solver", "LinearSolver"]
+__all__ = ["ResidualFn", "MatVec", "WritesInto", "IterativeState", "IterativeMethod", "Solver", "LinearSolver", "is_solver"]
 
 ResidualFn = Callable[[torch.Tensor], torch.Tensor]
 """`R: (B, D) -> (B, D)`, whose zero is the solution; sample `i` of the result depends on sample `i` only."""
@@ -156,3 +156,19 @@ class LinearSolver(Protocol):
         The relative stopping measure of a linear solve is ‖A x − b‖ / ‖b‖ (`stop="rel"`).
         """
         ...
+
+
+# Classes whose instances were found to be `Solver`s by their class's own `solve` method: the check of
+# `isinstance(x, Solver)` (a runtime protocol) costs tens of µs, which a small solve would pay on every call.
+_SOLVER_CLASSES: set[type] = set()
+
+
+def is_solver(obj: object) -> bool:
+    """`isinstance(obj, Solver)`, remembered per class when the class itself defines `solve`."""
+    cls = type(obj)
+    if cls in _SOLVER_CLASSES:
+        return True
+    found = isinstance(obj, Solver)
+    if found and callable(getattr(cls, "solve", None)):
+        _SOLVER_CLASSES.add(cls)
+    return found
