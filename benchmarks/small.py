@@ -25,13 +25,16 @@ bookkeeping, the autograd glue of the IFT. Users who solve many small problems p
   + IFT backward of `z.sum()` into `W`; `il.DEQ` forward + IFT backward, the same problem;
 - `torchdeq DEQ`: `get_deq(anderson, IFT)` with the same options both ways, forward and forward + backward.
 
-Columns: the median time over `--repeats` rounds in which every row takes one turn (so load drifts on a
-shared machine hit all alike; `--warmup` untimed rounds first; `W.grad` is cleared, untimed, before each
-turn), the forward NFE (batched evaluations of `f`; torchdeq's is its `nstep`), the time ÷ the bare floor
-(`NFE · t(f)` for a forward, plus `NFE_bwd · t(vjp) + t(f)` for a backward of `NFE_bwd` adjoint
-iterations) and ÷ torchdeq's matching row. Below the table: the per-iteration cost of `il.fixed_point`,
-the slope between its 10- and 20-iteration rows (and its overhead beyond `t(f)`), the same slope for the
-bare Anderson loop, and the per-call cost: what the 1-iteration solve spends beyond its evaluations.
+Columns: the median and the minimum time over `--repeats` rounds in which every row takes one turn (so
+load drifts on a shared machine hit all alike; `--warmup` untimed rounds first; `W.grad` is cleared,
+untimed, before each turn; on a loaded machine a call of several milliseconds is preempted more often
+than a short one, which inflates its median, so both statistics are kept), the forward NFE (batched
+evaluations of `f`; torchdeq's is its `nstep`), the time ÷ the bare floor (`NFE · t(f)` for a forward,
+plus `NFE_bwd · t(vjp) + t(f)` for a backward of `NFE_bwd` adjoint iterations) and ÷ torchdeq's
+matching row, for the medians and the minima. Below the table: the per-iteration cost of
+`il.fixed_point`, the slope between its 10- and 20-iteration rows (and its overhead beyond `t(f)`), the
+same slope for the bare Anderson loop, and the per-call cost: what the 1-iteration solve spends beyond
+its evaluations.
 """
 
 from __future__ import annotations
@@ -286,14 +289,15 @@ def _print_table(r: dict, dim: int, repeats: int) -> None:
     print(f"\nfixed point z = tanh(W z + x), dim={dim}, B={r['batch']}, threads={torch.get_num_threads()}, "
           f"{repeats} interleaved rounds; t(f) = {us * med['t_f']:.1f} µs, t(vjp) = {us * med['t_vjp']:.1f} µs (medians)")
     print(f"implicitlayers from {pathlib.Path(il.__file__).parent}")
-    print(f"{'':40s}{'median (µs)':>12s}{'min (µs)':>10s}{'NFE':>8s}{'÷ floor':>9s}{'÷ torchdeq':>12s}")
+    print(f"{'':40s}{'median (µs)':>12s}{'min (µs)':>10s}{'NFE':>8s}{'÷ floor':>14s}{'÷ torchdeq':>14s}")
     for name, seconds in times.items():
         nfe = f"{r['nfe'][name]}" + (f"+{r['nfe_bwd'][name]}" if name in r["nfe_bwd"] else "")
         peer = PEERS.get(name)
-        ratio = f"{seconds / times[peer]:.2f}" if peer in times else ""
-        floor = f"{seconds / med['floors'][name]:.1f}" if med["floors"][name] else ""
-        print(f"{name:40s}{us * seconds:12.1f}{us * low['times'][name]:10.1f}{nfe:>8s}{floor:>9s}{ratio:>12s}")
-    print("(÷ floor and ÷ torchdeq: of the medians; floor = NFE · t(f), plus NFE_bwd · t(vjp) + t(f) for a backward)")
+        ratio = f"{seconds / times[peer]:.2f} ({low['times'][name] / low['times'][peer]:.2f})" if peer in times else ""
+        floor = f"{seconds / med['floors'][name]:.1f} ({low['times'][name] / low['floors'][name]:.1f})" if med["floors"][name] else ""
+        print(f"{name:40s}{us * seconds:12.1f}{us * low['times'][name]:10.1f}{nfe:>8s}{floor:>14s}{ratio:>14s}")
+    print("(ratios of the medians, of the minima in brackets; floor = NFE · t(f), plus NFE_bwd · t(vjp) + t(f) for a backward;\n"
+          " on a loaded machine a longer call is more often preempted, so the minima are the steadier statistic)")
     for stat, d in (("median", med), ("min", low)):
         print(f"{stat:>6s}: il.fixed_point per iteration {us * d['per_iteration']:.1f} µs (beyond t(f): "
               f"{us * d['per_iteration_overhead']:.1f} µs; bare Anderson {us * d['bare_per_iteration']:.1f} µs), "
