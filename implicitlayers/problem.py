@@ -35,9 +35,13 @@ class Variable(Node):
     """An unknown tensor (leading batch dimension B) defined by exactly one condition."""
 
 
+def _is_positive(value: object) -> bool:
+    # `value > 0` is False for NaN; booleans are not numbers here.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def _check_positive(owner: str, what: str, value: float, upper: float | None = None) -> None:
-    # `not value > 0` (rather than `value <= 0`) also rejects NaN; booleans are not numbers here.
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    ok = _is_positive(value)
     if not ok or (upper is not None and value > upper):
         bound = f" and at most {upper}" if upper is not None else " and finite"
         raise ValueError(f"{owner}: {what} must be positive{bound}, got {value!r}.")
@@ -174,7 +178,12 @@ class Minimize(Condition):
     Args:
         constraint: an `il.sets` set; the residual becomes `v − Π(v − step_size · ∇)`.
         total: total (KKT) or partial semantics.
-        step_size: the gradient step α of the fixed-point map `v ← Π(v − α ∇)`.
+        step_size: the gradient step α of the fixed-point map `v ← Π(v − α ∇)` (Picard/Anderson; with a
+            constraint also inside the residual). `"auto"` (default) sets `α = 1 / λ` per sample at the
+            start of every solve, with `λ` the objective's largest curvature estimated by a few
+            Hessian–vector products (see `BlockSystem.step_sizes`, and the concepts page on problems
+            for the cost); a positive number fixes `α` for every sample (the override, e.g. when
+            `2 / curvature` is known). The solution does not depend on `α`; how fast it is reached does.
         adjoint_damping: damping of the adjoint map `μ ← μ + β (Jᵀμ + ∂L/∂z − μ)`.
     """
 
@@ -189,17 +198,30 @@ class Minimize(Condition):
         constraint: ConstraintSet | None = None,
         *,
         total: bool = True,
-        step_size: float = 0.1,
+        step_size: float | str = "auto",
         adjoint_damping: float = 1.0,
     ) -> None:
         super().__init__(variable, objective, args)
         name = f"{type(self).__name__}({variable.name})"
         if constraint is not None and not isinstance(constraint, ConstraintSet):
             raise TypeError(f"{name}: constraint must be an il.sets set (Box, L2Ball, LInfBall), got {constraint!r}.")
-        _check_positive(name, "step_size", step_size)
+        if not (step_size == "auto" if isinstance(step_size, str) else _is_positive(step_size)):
+            raise ValueError(f"{name}: step_size must be positive and finite, or \"auto\", got {step_size!r}.")
         _check_positive(name, "adjoint_damping", adjoint_damping, upper=1.0)
         self.constraint, self.total = constraint, bool(total)
-        self.step_size, self.adjoint_damping = float(step_size), float(adjoint_damping)
+        self.step_size: float | str = step_size if isinstance(step_size, str) else float(step_size)
+        self.adjoint_damping = float(adjoint_damping)
+
+    @property
+    def auto_step(self) -> bool:
+        """Whether the step size is estimated per sample at every solve (`step_size="auto"`)."""
+        return self.step_size == "auto"
+
+    @property
+    def fixed_step(self) -> float:
+        """The step size used where no per-sample estimate is at hand: `step_size`, or `1.0` for `"auto"`
+        (e.g. the natural residual `v − Π(v − ∇)` that `BlockSystem.residual` measures without one)."""
+        return 1.0 if isinstance(self.step_size, str) else self.step_size
 
 
 class Maximize(Minimize):

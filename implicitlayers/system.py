@@ -24,7 +24,48 @@ import torch
 
 from .problem import Condition, FixedPoint, Minimize, Problem
 
-__all__ = ["Slot", "BlockSystem"]
+__all__ = ["Slot", "BlockSystem", "StepSizes"]
+
+# Power iterations of the curvature estimate of a `step_size="auto"` objective. Each is one Hessian–vector
+# product (a double backward through the objective) for an objective whose curvature is its own Hessian;
+# for a total objective of a block with equations (a KKT block, e.g. JIIO) each is one more evaluation of
+# the block's residual, which also relaxes the equations' linear response to the direction: the response
+# builds up at the equations' contraction rate, so the KKT estimate needs more (measured on a linear cell
+# of norm 0.5: 12 iterations reach half the curvature, 20 reach 98%).
+POWER_ITERATIONS = 8
+KKT_POWER_ITERATIONS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSizes:
+    """The per-sample steps `α = 1 / λ` of a block's `step_size="auto"` objectives, fixed for one solve.
+
+    Attributes:
+        values: `(B, 1)` step of each such objective, by variable name.
+        curvature: `(B,)` the estimated largest curvature `λ` (absolute eigenvalue) of each; a sample
+            whose estimate is zero or not finite gets `α = 1`.
+        products: Hessian–vector products (or, for a KKT block, residual evaluations) spent on the
+            estimate, each over the whole batch.
+    """
+
+    values: dict[str, torch.Tensor]
+    curvature: dict[str, torch.Tensor]
+    products: int
+
+    def subset(self, rows: torch.Tensor) -> "StepSizes":
+        """The same steps for the samples `rows` only."""
+        return StepSizes(
+            {n: a.index_select(0, rows) for n, a in self.values.items()},
+            {n: c.index_select(0, rows) for n, c in self.curvature.items()},
+            self.products,
+        )
+
+    def step_of(self, cond: Minimize, like: torch.Tensor) -> torch.Tensor | float:
+        """`cond`'s step, shaped to broadcast against its variable `like` `(B, ...)`."""
+        alpha = self.values.get(cond.variable.name)
+        if alpha is None:
+            return cond.fixed_step
+        return alpha.to(like.dtype).reshape((like.shape[0],) + (1,) * (like.dim() - 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +115,8 @@ class BlockSystem:
             if isinstance(cond, Minimize) and cond.constraint is not None:
                 cond.constraint.check_shape(tuple(shapes[name]), f"{type(cond).__name__}({name}) in {self.name}")
             if isinstance(cond, Minimize):
-                damping = 1.0 if cond.constraint is not None else cond.step_size
+                # An "auto" step is per sample: `preconditioner(like, steps)` fills it in at each solve.
+                damping = 1.0 if cond.constraint is not None else cond.fixed_step
             else:
                 damping = cond.damping
             add(name, tuple(shapes[name]), damping)
@@ -82,6 +124,7 @@ class BlockSystem:
             for eq in self.equations:
                 add(self.adjoint_name(obj, eq), tuple(shapes[eq.variable.name]), obj.adjoint_damping)
         self.slots = {s.name: s for s in slots}
+        self.conditions_by_name = {c.variable.name: c for c in self.conditions}
         self.dim = offset
         self.reads = sorted({a.name for c in self.conditions for a in c.args} - block_set)
         self.equation_slots = [self.slots[c.variable.name] for c in self.equations]
@@ -114,11 +157,22 @@ class BlockSystem:
             views[s.name] = view if len(s.shape) == 1 else view.reshape((batch, *s.shape))
         return views
 
-    def preconditioner(self, like: torch.Tensor) -> torch.Tensor | None:
-        """The `(D,)` diagonal `P` of the map `F(w) = w − P ⊙ R(w)`, or `None` when it is all ones."""
-        if all(s.damping == 1.0 for s in self.slots.values()):
-            return None
-        return torch.cat([like.new_full((s.size,), s.damping) for s in self.slots.values()])
+    def preconditioner(self, like: torch.Tensor, steps: "StepSizes | None" = None) -> torch.Tensor | None:
+        """The diagonal `P` of the map `F(w) = w − P ⊙ R(w)`: `(D,)`, or `None` when it is all ones; with
+        per-sample `steps` (of `step_size="auto"` objectives, see `step_sizes`) it is `(B, D)`."""
+        per_sample = {} if steps is None else {
+            name: alpha for name, alpha in steps.values.items() if self.conditions_by_name[name].constraint is None
+        }
+        if not per_sample:
+            if all(s.damping == 1.0 for s in self.slots.values()):
+                return None
+            return torch.cat([like.new_full((s.size,), s.damping) for s in self.slots.values()])
+        batch = like.shape[0]
+        parts = [
+            per_sample[s.name].to(like.dtype).expand(batch, s.size) if s.name in per_sample else like.new_full((batch, s.size), s.damping)
+            for s in self.slots.values()
+        ]
+        return torch.cat(parts, 1)
 
     def project_constrained(self, w: torch.Tensor) -> torch.Tensor:
         """`w` with each constrained variable projected onto its set.
@@ -155,10 +209,20 @@ class BlockSystem:
         """Advice by failure cause for a block with objectives: the step size is the usual culprit."""
         if not self.objectives:
             return None
-        steps = ", ".join(f"{type(c).__name__}({c.variable.name}, step_size={c.step_size:g})" for c in self.objectives)
+        steps = ", ".join(
+            f"{type(c).__name__}({c.variable.name}, step_size={c.step_size!r})" if c.auto_step
+            else f"{type(c).__name__}({c.variable.name}, step_size={c.step_size:g})"
+            for c in self.objectives
+        )
+        auto = any(c.auto_step for c in self.objectives)
+        # "auto" is 1 / the curvature estimated at the start: a fixed number below it is the remedy when the
+        # curvature grows along the way (or, in a block with equations, the estimate is off).
+        lower = (f"pass step_size a number below 2 / the objective's largest curvature along the way to {steps} "
+                 "(\"auto\" estimates it at the start only)" if auto else
+                 f"lower the step size of {steps} (it must be below 2 / the objective's curvature)")
         return {
-            "diverged": f"lower the step size of {steps} (it must be below 2 / the objective's curvature), or damp the equations",
-            "nonfinite": f"lower the step size of {steps}, or check the objective for NaN at these points",
+            "diverged": f"{lower}, or damp the equations",
+            "nonfinite": f"{lower}, or check the objective for NaN at these points",
             "stalled": f"the objective may be unbounded below or flat; check it, or change the step size of {steps}",
             "max_iter": f"increase max_iter, or raise the step size of {steps} if the objective is flat (tiny curvature)",
         }
@@ -202,6 +266,97 @@ class BlockSystem:
             scope = {**env, **{n: v.detach() for n, v in self.unpack(w.detach()).items()}}
             return any(_requires_grad(self._call(c, scope)) for c in self.conditions)
 
+    # ----------------------------------------------------------------------------- step sizes
+    def step_sizes(self, w: torch.Tensor, env: Mapping[str, torch.Tensor]) -> StepSizes | None:
+        """Per-sample steps `α = 1 / λ` of the block's `step_size="auto"` objectives, at the start `w`.
+
+        `λ` is the largest absolute curvature of the signed objective in its variable, by power iteration
+        from a fixed random direction (so a solve is reproducible), per sample:
+
+        - an objective whose stationarity involves no adjoint (a block without equations, or a partial
+          objective): `POWER_ITERATIONS` Hessian–vector products of the objective, by double backward,
+          with the block's other variables held at `w`;
+        - a total objective of a block with equations (its curvature is that of `L(v, z(v))`, through
+          the equations): `KKT_POWER_ITERATIONS` evaluations of the block's residual along a direction
+          whose equation and adjoint rows are relaxed, step by step, by the block's own damped map to the
+          linear response of the equations (a finite-difference Jacobian–vector product each).
+
+        The power iteration approaches `λ` from below, so `α` may exceed `1 / λ` somewhat; the fixed-point
+        map `v ← Π(v − α ∇)` contracts for `α < 2 / λ`. `None` when the block has no `"auto"` objective.
+        """
+        auto = [c for c in self.objectives if isinstance(c, Minimize) and c.auto_step]
+        if not auto:
+            return None
+        self._check_no_transform()
+        w = w.detach()
+        values, curvature, products = {}, {}, 0
+        for cond in auto:
+            if cond in self.total_objectives:
+                lam, spent = self._kkt_curvature(cond, w, env)
+            else:
+                lam, spent = self._objective_curvature(cond, w, env)
+            usable = torch.isfinite(lam) & (lam > 0)
+            alpha = torch.where(usable, 1.0 / torch.where(usable, lam, torch.ones_like(lam)), torch.ones_like(lam))
+            name = cond.variable.name
+            values[name], curvature[name] = alpha[:, None], lam
+            products += spent
+        return StepSizes(values, curvature, products)
+
+    def _objective_curvature(self, cond: Minimize, w: torch.Tensor, env: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """`(λ (B,), products)`: power iteration on the Hessian of the signed objective in its variable."""
+        name = cond.variable.name
+        batch = w.shape[0]
+        with torch.enable_grad():
+            values = {n: t.detach() for n, t in self.unpack(w).items()}
+            v = values[name] = values[name].clone().requires_grad_()
+            loss = self.objective_value(cond, {**env, **values})
+            if not loss.requires_grad:
+                raise self._independent_objective(cond)
+            (g,) = torch.autograd.grad(loss, [v], torch.full_like(loss, float(cond.sign)), create_graph=True, allow_unused=True)
+            if g is None:
+                raise self._independent_objective(cond)
+            lam = w.new_zeros(batch)
+            if not g.requires_grad:  # a linear objective: no curvature
+                return lam, 0
+            u = _unit(_probe(v))
+            for k in range(POWER_ITERATIONS):
+                (hu,) = torch.autograd.grad(g, [v], u, retain_graph=k < POWER_ITERATIONS - 1, allow_unused=True)
+                if hu is None:
+                    return lam, k + 1
+                lam = _norms(hu)
+                u = _unit(hu.detach(), lam)
+        return lam.detach(), POWER_ITERATIONS
+
+    def _kkt_curvature(self, cond: Minimize, w: torch.Tensor, env: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """`(λ (B,), residual evaluations)`: power iteration on the total objective's (reduced) Hessian.
+
+        The direction `d` moves the variable by the unit `u` and the equation and adjoint rows by their
+        linear response (`∂R_E/∂w · d = 0`), which each step relaxes by one damped step `d_E ← d_E − P_E ⊙
+        (J d)_E`; `(J d)_v` is then the reduced Hessian times `u` (once the response has settled). `J d` is a
+        forward difference of the residual (gradient rows, not the constrained natural residual).
+        """
+        slot = self.slots[cond.variable.name]
+        objectives = {c.variable.name for c in self.objectives}
+        relaxed = [s for s in self.slots.values() if s.name not in objectives]
+        batch = w.shape[0]
+        rows = torch.cat([torch.arange(s.offset, s.offset + s.size, device=w.device) for s in relaxed])
+        damping = torch.cat([w.new_full((s.size,), s.damping) for s in relaxed])
+        r0 = self.residual(w, env, gradients=True)
+        d = torch.zeros_like(w)
+        u = _probe(w[:, slot.offset : slot.offset + slot.size])
+        d[:, slot.offset : slot.offset + slot.size] = _unit(u)
+        # A forward-difference step well above the rounding of w, small enough to stay linear.
+        scale = torch.finfo(w.dtype).eps ** 0.5 * (1.0 + _norms(w))
+        lam = w.new_zeros(batch)
+        for _ in range(KKT_POWER_ITERATIONS):
+            h = (scale / _norms(d).clamp_min(torch.finfo(w.dtype).tiny))[:, None]
+            jd = (self.residual(w + h * d, env, gradients=True) - r0) / h
+            y = jd[:, slot.offset : slot.offset + slot.size]
+            lam = _norms(y)
+            d[:, rows] -= damping * jd[:, rows]
+            d[:, slot.offset : slot.offset + slot.size] = _unit(y, lam)
+        return lam, KKT_POWER_ITERATIONS + 1
+
     # ----------------------------------------------------------------------------- residual
     def residual(
         self,
@@ -210,6 +365,8 @@ class BlockSystem:
         *,
         create_graph: bool = False,
         equations_only: bool = False,
+        steps: "StepSizes | None" = None,
+        gradients: bool = False,
     ) -> torch.Tensor:
         """The packed residual `R(w)` `(B, D)` (or only its equation rows, `(B, D_E)`).
 
@@ -219,15 +376,16 @@ class BlockSystem:
             create_graph: keep the graph of the inner vector–Jacobian products (for the IFT, Phantom and
                 Unroll backward passes); otherwise the result is detached.
             equations_only: skip the objectives (first-order IFT treats optimised variables as constants).
+            steps: the per-sample step sizes of `step_size="auto"` objectives (`step_sizes`), which a
+                constrained objective's natural residual `v − Π(v − α∇)` reads; without them such an
+                objective's residual is taken at `α = 1` (`Minimize.fixed_step`). A solve and its
+                backward pass must use the same.
+            gradients: the (total) gradient in a constrained objective's rows instead of its natural
+                residual (for curvature estimates).
         """
         needs_vjp = not equations_only and bool(self.objectives)
-        if needs_vjp and torch._C._functorch.peek_interpreter_stack() is not None:
-            raise NotImplementedError(
-                f"{self.name}: torch.func transforms over a block with Minimize/Maximize (e.g. il.JIIO, il.IMAML) are "
-                "not supported yet: its residual differentiates the objective with torch.autograd. Use torch.autograd "
-                "(loss.backward(), torch.autograd.grad) for this layer; torch.func works over blocks of equations "
-                "(il.DEQ, FixedPoint/Root problems)."
-            )
+        if needs_vjp:
+            self._check_no_transform()
         with torch.enable_grad() if (needs_vjp or create_graph) else _nullcontext():
             values = self.unpack(w)
             if needs_vjp and not w.requires_grad:
@@ -238,10 +396,19 @@ class BlockSystem:
             eq_residuals = {c.variable.name: self._equation_residual(c, scope) for c in self.equations}
             blocks = dict(eq_residuals)
             if not equations_only:
-                blocks.update(self._objective_residuals(values, scope, eq_residuals, create_graph))
+                blocks.update(self._objective_residuals(values, scope, eq_residuals, create_graph, steps, gradients))
             parts = [blocks[s.name].reshape(batch, s.size) for s in self.slots.values() if s.name in blocks]
             out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         return out if create_graph else out.detach()
+
+    def _check_no_transform(self) -> None:
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            raise NotImplementedError(
+                f"{self.name}: torch.func transforms over a block with Minimize/Maximize (e.g. il.JIIO, il.IMAML) are "
+                "not supported yet: its residual differentiates the objective with torch.autograd. Use torch.autograd "
+                "(loss.backward(), torch.autograd.grad) for this layer; torch.func works over blocks of equations "
+                "(il.DEQ, FixedPoint/Root problems)."
+            )
 
     def _call(self, cond: Condition, scope: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """`cond.fn(*args)`; an error raised inside the user's function is re-raised with the condition,
@@ -302,7 +469,7 @@ class BlockSystem:
             )
         return value
 
-    def _objective_residuals(self, values, scope, eq_residuals, create_graph) -> dict[str, torch.Tensor]:
+    def _objective_residuals(self, values, scope, eq_residuals, create_graph, steps, gradients) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         last = len(self.objectives) - 1
         for i, cond in enumerate(self.objectives):
@@ -335,11 +502,31 @@ class BlockSystem:
                 if g is None:
                     raise self._independent_objective(cond)
                 gradient = g
-            if cond.constraint is not None:
-                out[v_name] = cond.constraint.natural_residual(v, cond.step_size * gradient)
+            if cond.constraint is not None and not gradients:
+                alpha = steps.step_of(cond, v) if steps is not None else cond.fixed_step
+                out[v_name] = cond.constraint.natural_residual(v, alpha * gradient)
             else:
                 out[v_name] = gradient
         return out
+
+
+def _norms(t: torch.Tensor) -> torch.Tensor:
+    """Per-sample Euclidean norms `(B,)` over every non-batch dimension."""
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1)
+
+
+def _unit(t: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """`t` scaled to unit norm per sample (a zero sample stays zero)."""
+    norms = _norms(t) if norms is None else norms
+    tiny = torch.finfo(t.dtype).tiny
+    return t / norms.clamp_min(tiny).reshape((t.shape[0],) + (1,) * (t.dim() - 1))
+
+
+def _probe(like: torch.Tensor) -> torch.Tensor:
+    """A fixed random direction shaped like `like`, the same for every sample and every call (a sample's
+    step does not depend on the batch it is in, and solves are reproducible)."""
+    gen = torch.Generator(device=like.device).manual_seed(0)
+    return torch.randn(like.shape[1:], generator=gen, device=like.device, dtype=like.dtype).expand_as(like).clone()
 
 
 def _requires_grad(t: torch.Tensor) -> bool:
