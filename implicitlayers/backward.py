@@ -35,7 +35,7 @@ from .solvers import LinearSolver, SolveInfo, apply_failure_policy
 from .solvers._info import Status
 
 if TYPE_CHECKING:
-    from .system import BlockSystem
+    from .system import BlockSystem, StepSizes
 
 __all__ = ["IFT", "Phantom", "Unroll", "BackwardMode", "BlockSolve"]
 
@@ -51,8 +51,11 @@ class BlockSolve:
         outer: the tensors the block reads from outside (inputs, earlier blocks), with their graphs.
         w0: the packed start `(B, D)`.
         solver: the forward solver.
-        precond: the block's diagonal preconditioner `(D,)`, or `None`.
+        precond: the block's diagonal preconditioner `(D,)` (`(B, D)` with per-sample steps), or `None`.
         report_backward: called with the `SolveInfo` of each backward (adjoint) solve of the block.
+        steps: the per-sample steps of the block's `step_size="auto"` objectives
+            (`BlockSystem.step_sizes`); estimated at `w0` when not given, and then fixed for the forward
+            solve and every backward pass of this call (they enter `precond` and the residual).
     """
 
     system: "BlockSystem"
@@ -61,9 +64,14 @@ class BlockSolve:
     solver: Any
     precond: torch.Tensor | None
     report_backward: Callable[[SolveInfo], None] | None = None
+    steps: "StepSizes | None" = None
 
     def __post_init__(self) -> None:
         self.detached = {n: t.detach() for n, t in self.outer.items()}
+        if self.steps is None and not active_transforms() & {"vmap"}:  # (a vmapped solve estimates its own)
+            self.steps = self.system.step_sizes(self.w0, self.detached)
+        if self.steps is not None:
+            self.precond = self.system.preconditioner(self.w0, self.steps)
         # The caller's autocast, re-entered whenever the residual is evaluated later (in the backward pass,
         # which runs after the caller's `with torch.autocast(...)` block has closed).
         device = self.w0.device.type
@@ -79,9 +87,9 @@ class BlockSolve:
         (else detached, so that only `w` is differentiated)."""
         env = self.outer if theta else self.detached
         if self.autocast is None:
-            return self.system.residual(w, env, create_graph=graph, equations_only=equations_only)
+            return self.system.residual(w, env, create_graph=graph, equations_only=equations_only, steps=self.steps)
         with torch.autocast(self.autocast[0], dtype=self.autocast[1]):
-            return self.system.residual(w, env, create_graph=graph, equations_only=equations_only)
+            return self.system.residual(w, env, create_graph=graph, equations_only=equations_only, steps=self.steps)
 
     def forward_solve(self) -> tuple[torch.Tensor, SolveInfo]:
         """Solve the block without recording a graph; the constrained variables are projected onto their sets.
@@ -104,9 +112,11 @@ class BlockSolve:
 
     def subset(self, rows: torch.Tensor) -> "BlockSolve":
         """The same block for the samples `rows` only (samples never interact, so their solutions are unchanged)."""
+        per_sample = self.precond is not None and self.precond.dim() == 2
         return BlockSolve(
             self.system, {n: t.index_select(0, rows) for n, t in self.outer.items()}, self.w0.index_select(0, rows),
-            self.solver, self.precond, self.report_backward,
+            self.solver, self.precond.index_select(0, rows) if per_sample else self.precond, self.report_backward,
+            None if self.steps is None else self.steps.subset(rows),
         )
 
     def solve_options(self) -> dict[str, Any]:
@@ -117,9 +127,14 @@ class BlockSolve:
         return {"scale_rows": self.system.relative_rows(self.w0.device), "hints": self.system.failure_hints()}
 
     def _solve_plain(self, w0: torch.Tensor, env: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, SolveInfo]:
+        steps, precond = self.steps, self.precond
+        if steps is None:  # inside vmap, on the folded batch (forward only)
+            steps = self.system.step_sizes(w0, env)
+            precond = precond if steps is None else self.system.preconditioner(w0, steps)
         with torch.no_grad():
             w_star, info = self.solver.solve(
-                lambda w: self.system.residual(w, env), w0, precond=self.precond, name=self.name, **self.solve_options()
+                lambda w: self.system.residual(w, env, steps=steps), w0, precond=precond, name=self.name,
+                **self.solve_options(),
             )
             w_star = self.system.project_constrained(w_star)
             if self.system.objectives and not self.system.equations:
@@ -182,14 +197,7 @@ class BlockSolve:
         equations only, `None` means "look at whether `R(w*)` requires grad", which costs nothing extra.
         """
         transforms = active_transforms()
-        if "vmap" in transforms:
-            if transforms & {"grad", "jvp"}:
-                raise NotImplementedError(
-                    f"{self.name}: torch.func.vmap combined with grad/vjp/jvp (jacrev, jacfwd, hessian, per-sample "
-                    "gradients) is not supported over an implicit layer yet. Its batch dimension is already per "
-                    "sample: call the layer on the whole batch and use torch.autograd (or torch.func.grad / jvp "
-                    "without vmap)."
-                )
+        if "vmap" in transforms and not transforms & {"grad", "jvp"}:
             if torch.is_grad_enabled() and self.system.reads_grad(w_star, self.outer):
                 raise NotImplementedError(
                     f"{self.name}: gradients through torch.func.vmap over an implicit layer are not supported yet "
@@ -283,7 +291,7 @@ class IFT(BackwardMode):
 
             adjoint = AdjointProblem(
                 residual=lambda w_eq: block.residual(embed(w_eq), theta=False, equations_only=True),
-                w_star=w_star[:, idx], solver=solver, precond=None if block.precond is None else block.precond[idx],
+                w_star=w_star[:, idx], solver=solver, precond=None if block.precond is None else block.precond[..., idx],
                 name=block.name, warm_start=system.dual_warm_start(w_star, idx), second_order=self.second_order,
                 on_failure=self.failure_policy, report=block.report_backward,
             )
