@@ -66,7 +66,7 @@ def _stationarity(cond: Minimize, scope: Mapping[str, torch.Tensor]) -> tuple[to
     grad = torch.zeros_like(v) if grad is None else grad
     if cond.constraint is None:
         return grad, f"‖∇_{name} L‖"
-    alpha = cond.step_size
+    alpha = cond.fixed_step  # (1 for step_size="auto": any positive step measures stationarity)
     mapping = (v.detach() - cond.constraint.project(v.detach() - alpha * grad)) / alpha
     return mapping, f"‖({name} − Π({name} − α∇L))/α‖ (gradient mapping, α={alpha:g})"
 
@@ -101,7 +101,7 @@ def condition_residuals(record: Record) -> list[ConditionResidual]:
                 assert block_residual is not None and isinstance(cond, Minimize)
                 r = block_residual[name]
                 if cond.constraint is not None:
-                    r, measure = r / cond.step_size, f"‖total gradient mapping of {name}‖ (with adjoints)"
+                    r, measure = r / cond.fixed_step, f"‖total gradient mapping of {name}‖ (with adjoints)"
                 else:
                     measure = f"‖d{name} L‖ (total derivative, with adjoints)"
             elif cond.is_equation:
