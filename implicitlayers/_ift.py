@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ._transforms import active_transforms, inside_functorch_transform, tangents_may_flow
+from ._transforms import active_transforms, inside_functorch_transform, tangents_may_flow, vmapped_solve
 from .solvers import Anderson, SolveInfo, SolverConfig, apply_failure_policy
 from .solvers._base import IterativeSolver
 
@@ -45,6 +45,9 @@ class _ImplicitCorrection(torch.autograd.Function):
     Under double backward (`create_graph=True`, with `IFT(second_order=True)`) the VJP is itself
     differentiable in `g`; the derivatives of `A` enter through the second-order term of `attach_ift`.
     """
+
+    # Under torch.func.vmap (jacfwd): the value is zeros and the jvp rule folds its tangents (`solve`).
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(y: torch.Tensor, adjoint: "AdjointProblem") -> torch.Tensor:
@@ -88,6 +91,8 @@ class _ImplicitCorrection(torch.autograd.Function):
 class _FirstOrderOnly(torch.autograd.Function):
     """The value of `lam`; differentiating it again raises (the IFT was not prepared for second order)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(lam: torch.Tensor, grad: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
         return lam.clone()
@@ -103,9 +108,15 @@ class _FirstOrderOnly(torch.autograd.Function):
             "backward=il.IFT(second_order=True)."
         )
 
+    @staticmethod
+    def jvp(ctx, *_):
+        _FirstOrderOnly.backward(ctx)
+
 
 class _InverseCorrection(torch.autograd.Function):
     """Value 0; vector–Jacobian product `k ↦ −A⁻¹ k` (the transpose of `_ImplicitCorrection`'s)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(h: torch.Tensor, adjoint: "AdjointProblem") -> torch.Tensor:
@@ -120,6 +131,10 @@ class _InverseCorrection(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise NotImplementedError(f"{ctx.adjoint.name}: third-order derivatives through the IFT are not supported.")
         return -ctx.adjoint.solve(grad, transpose=False), None
+
+    @staticmethod
+    def jvp(ctx, h_tangent: torch.Tensor, _adjoint_tangent: None) -> torch.Tensor:
+        return torch.zeros_like(h_tangent)  # the value is 0 whatever h
 
 
 @dataclasses.dataclass
@@ -193,21 +208,45 @@ class AdjointProblem:
         return jvp
 
     def solve(self, rhs: torch.Tensor, transpose: bool = True) -> torch.Tensor:
-        """`A⁻ᵀ rhs` (default) or `A⁻¹ rhs`, matrix-free; failed samples are zeroed and reported."""
+        """`A⁻ᵀ rhs` (default) or `A⁻¹ rhs`, matrix-free; failed samples are zeroed and reported.
+
+        Under `torch.func.vmap` (`jacrev`, `jacfwd`, per-sample gradients) the vmapped right-hand sides are
+        folded into the batch: `V` copies of the `B` samples' systems are solved as one batch of `V·B`.
+        """
         if "vmap" in active_transforms():
-            raise NotImplementedError(
-                f"{self.name}: the IFT's linear solve under torch.func.vmap (jacrev, jacfwd, hessian, per-sample "
-                "gradients) is not supported yet. The layer's batch dimension is already per sample: use "
-                "torch.autograd (or torch.func.grad / vjp / jvp without vmap)."
-            )
-        matvec = self._operator(transpose)
+            return vmapped_solve(lambda folded: self._solve(folded, transpose), rhs, unsupported=(
+                f"{self.name}: per-sample gradients (torch.func.vmap over grad/vjp/jvp of a layer called on one sample) "
+                "are not supported: each vmapped sample's linear system depends on its vmapped input. The layer's batch "
+                "dimension is already per sample: call it on the whole batch and take torch.autograd gradients per "
+                "sample (e.g. of loss.sum()), or use torch.func.jacrev / jacfwd on the batched call."))
+        return self._solve(rhs, transpose)
+
+    def _folded_operator(self, transpose: bool, copies: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`_operator` for `copies` right-hand sides of the `B` samples stacked along the batch (`(copies·B, D)`)."""
+        operator = self._operator(transpose)
+        if copies == 1:
+            return operator
+
+        def matvec(v: torch.Tensor) -> torch.Tensor:
+            stacked = v.reshape(copies, -1, *v.shape[1:])
+            return torch.cat([operator(part) for part in stacked.unbind(0)]).reshape(v.shape)
+
+        return matvec
+
+    def _solve(self, rhs: torch.Tensor, transpose: bool) -> torch.Tensor:
+        batch = self.w_star.shape[0]
+        copies = rhs.shape[0] // batch if batch else 1
+        matvec = self._folded_operator(transpose, copies)
+        precond = self.precond
+        if precond is not None and precond.dim() == 2 and copies > 1:  # per-sample (B, D): one row per copy
+            precond = precond.repeat(copies, 1)
         kind = "IFT backward" if transpose else "IFT double backward"
         name = f"{kind} of {self.name}"
         # The mode's policy applies, not the solver's: report once, below, after zeroing failed samples.
         solver = self.solver.replace(on_failure="ignore") if isinstance(self.solver, SolverConfig) else self.solver
         with torch.no_grad():
-            x0 = self.warm_start(rhs) if (self.warm_start is not None and transpose) else None
-            x, info = solver.solve_linear(matvec, rhs.detach(), x0, precond=self.precond, name=name)
+            x0 = self.warm_start(rhs) if (self.warm_start is not None and transpose and copies == 1) else None
+            x, info = solver.solve_linear(matvec, rhs.detach(), x0, precond=precond, name=name)
         failed = ~info.converged
         if bool(failed.any()):
             x = torch.where(failed[:, None], torch.zeros_like(x), x)
@@ -227,6 +266,8 @@ class AdjointProblem:
 class _ConstantProduct(torch.autograd.Function):
     """`v ↦ A v` (or `Aᵀ v`) with `A` a constant: differentiable in `v` to any order, never through `A`."""
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(v: torch.Tensor, adjoint: AdjointProblem, transpose: bool) -> torch.Tensor:
         return adjoint._operator(transpose)(v.detach())
@@ -238,6 +279,10 @@ class _ConstantProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return _ConstantProduct.apply(grad, ctx.adjoint, not ctx.transpose), None, None
+
+    @staticmethod
+    def jvp(ctx, v_tangent: torch.Tensor, _adjoint_tangent: None, _transpose_tangent: None) -> torch.Tensor:
+        return _ConstantProduct.apply(v_tangent, ctx.adjoint, ctx.transpose)  # linear in v
 
 
 def attach_ift(
@@ -267,6 +312,12 @@ def attach_ift(
     if not y.requires_grad and not tangents_may_flow():  # nothing the block reads requires grad
         return None
     if adjoint.second_order:
+        if "vmap" in active_transforms():
+            raise NotImplementedError(
+                f"{adjoint.name}: second derivatives under torch.func.vmap (torch.func.hessian, jacfwd of jacrev) are not "
+                "supported through the IFT. Use torch.autograd double backward (create_graph=True) with "
+                "backward=il.IFT(second_order=True), e.g. torch.autograd.functional.hessian."
+            )
         shift = _ImplicitCorrection.apply(y, adjoint)
         y = y + (residual_theta(w_star + shift) - y - adjoint.linearized(shift))
     return w_star + _ImplicitCorrection.apply(y, adjoint)

@@ -64,16 +64,17 @@ class FoldedCall(torch.autograd.Function):
         return out.reshape(size, -1, *out.shape[1:]), 0
 
 
-def vmapped_solve(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+def vmapped_solve(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, unsupported: str | None = None) -> torch.Tensor:
     """`FoldedCall.apply(fn, *tensors)`, with a clear error when the user's functions read a vmapped tensor
-    that is not among `tensors` (parameters stacked for an ensemble through `functional_call`)."""
+    that is not among `tensors` (parameters stacked for an ensemble through `functional_call`); `unsupported`
+    replaces the error's text."""
     try:
         return FoldedCall.apply(fn, *tensors)
     except RuntimeError as err:
         if "escaped" not in str(err) and "data-dependent" not in str(err):
             raise
         raise NotImplementedError(
-            "torch.func.vmap over an implicit layer supports vmapped inputs only; the layer's functions read a "
+            unsupported or "torch.func.vmap over an implicit layer supports vmapped inputs only; the layer's functions read a "
             "tensor that is vmapped too (e.g. parameters stacked for an ensemble through functional_call). Solve "
             "each member in a loop, or stack the members along the batch dimension inside one model."
         ) from err

@@ -93,15 +93,53 @@ def test_vmap_forward_equals_the_batched_call():
     torch.testing.assert_close(torch.func.vmap(lambda xi: deq2(xi[None])[0])(x), deq2(x))
 
 
+def _autograd_jacobian(deq, x):
+    """dz*/dx by reverse mode, one output entry at a time (the reference for jacrev/jacfwd)."""
+    x = x.clone().requires_grad_()
+    z = deq(x)
+    rows = [torch.autograd.grad(z.reshape(-1)[k], x, retain_graph=True)[0] for k in range(z.numel())]
+    return torch.stack(rows).reshape(*z.shape, *x.shape)
+
+
+@pytest.mark.parametrize("jacobian", [torch.func.jacrev, torch.func.jacfwd], ids=["jacrev", "jacfwd"])
+def test_jacrev_and_jacfwd_match_autograd_and_finite_differences(jacobian):
+    deq, _ = _deq()
+    x = _x()
+    got = jacobian(deq)(x)
+    torch.testing.assert_close(got, _autograd_jacobian(deq, x), rtol=1e-9, atol=1e-11)
+    fd = torch.autograd.functional.jacobian(lambda t: deq(t), x, strategy="reverse-mode")
+    torch.testing.assert_close(got, fd, rtol=1e-9, atol=1e-11)
+    # Samples never interact: the Jacobian is block-diagonal over the batch.
+    assert got[0, :, 1].abs().max() == 0 and got[1, :, 0].abs().max() == 0
+    eps = 1e-6
+    e = torch.zeros_like(x)
+    e[1, 2] = eps
+    central = (deq(x + e) - deq(x - e)) / (2 * eps)
+    torch.testing.assert_close(got[:, :, 1, 2], central, rtol=1e-6, atol=1e-8)
+
+
+def test_jacrev_over_parameters_with_functional_call():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 3).double()
+    with torch.no_grad():
+        lin.weight.mul_(0.5)
+    deq = il.DEQ(_Cell(lin), solver=il.Anderson(tol=1e-12, max_iter=200), backward=il.IFT(solver=il.Anderson(tol=1e-12, max_iter=200)))
+    x = _x()
+    params = dict(deq.named_parameters())
+    got = torch.func.jacrev(lambda p: torch.func.functional_call(deq, p, (x,)))(params)
+    z = deq(x)
+    for name, p in params.items():
+        rows = [torch.autograd.grad(z.reshape(-1)[k], p, retain_graph=True)[0] for k in range(z.numel())]
+        torch.testing.assert_close(got[name], torch.stack(rows).reshape(*z.shape, *p.shape), rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize(
     "transform",
     [
-        lambda deq, x: torch.func.jacrev(deq)(x),
-        lambda deq, x: torch.func.jacfwd(deq)(x),
         lambda deq, x: torch.func.vmap(torch.func.grad(lambda xi: deq(xi[None]).sum()))(x),
         lambda deq, x: torch.func.vmap(lambda xi: deq(xi[None])[0])(x),  # the cell's parameters require grad
     ],
-    ids=["jacrev", "jacfwd", "per-sample-grad", "vmap-with-grad"],
+    ids=["per-sample-grad", "vmap-with-grad"],
 )
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_unsupported_transforms_say_so(transform):
@@ -122,3 +160,25 @@ def test_func_over_an_objective_block_says_so():
     layer = il.ImplicitLayer(problem, y_, u_, init={"u": torch.zeros(3)})
     with pytest.raises(NotImplementedError, match="Minimize/Maximize"):
         torch.func.grad(lambda y: layer(y).sum())(torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_hessian_under_func_says_what_to_use(second_order):
+    deq, _ = _deq(second_order=second_order)
+    with pytest.raises(NotImplementedError, match="second_order=True|create_graph=True"):
+        torch.func.hessian(lambda x: deq(x).sum())(_x())
+
+
+def test_autograd_hessian_with_second_order_matches_finite_differences_of_the_gradient():
+    deq, _ = _deq(second_order=True)
+    x = _x()
+    H = torch.autograd.functional.hessian(lambda t: deq(t).sum(), x)
+
+    def grad_at(t):
+        t = t.clone().requires_grad_()
+        return torch.autograd.grad(deq(t).sum(), t)[0]
+
+    eps = 1e-6
+    e = torch.zeros_like(x)
+    e[0, 1] = eps
+    torch.testing.assert_close(H[:, :, 0, 1], (grad_at(x + e) - grad_at(x - e)) / (2 * eps), rtol=1e-5, atol=1e-7)
