@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(0)
     images, labels = digits_dataset()
-    x, y = images[: args.batch].to(device), labels[: args.batch].to(device)
+    # Copies, not views: a view's storage is the whole dataset's, which the saved-bytes count would include.
+    x, y = images[: args.batch].clone().to(device), labels[: args.batch].clone().to(device)
     model = Model(args.hidden).to(device)
     ours = make_ours(model, args.tol)
     results: dict = {}
