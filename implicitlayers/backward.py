@@ -241,7 +241,10 @@ class IFT(BackwardMode):
 
     Args:
         solver: solver of the adjoint linear system `Aᵀ λ = g`: any `il.linear` solver or fixed-point
-            solver (default: the forward solver's type and options, with at least 100 iterations).
+            solver. Default: for a block of at most 16 unknowns a sample, an exact dense solve (`Aᵀ` from
+            one batched VJP, then `torch.linalg.solve`; `backward_info` shows one step and `D` products);
+            for larger blocks (or a residual whose VJP cannot be batched) the forward solver's type and
+            options, with at least 100 iterations.
         first_order: treat optimised variables (`Minimize`/`Maximize`) as constants and differentiate only
             the block's equations, as the JIIO reference code does. Exact when the outer loss is the
             inner objective (envelope theorem), an approximation otherwise.

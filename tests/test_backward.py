@@ -333,3 +333,44 @@ def test_cyclic_block_of_two_variables_with_different_shapes():
     w = torch.linalg.solve(torch.eye(5, dtype=torch.float64) - T, rhs.T).T
     torch.testing.assert_close(torch.cat([a, b], 1), w, atol=1e-10, rtol=0)
     assert torch.autograd.gradcheck(lambda x: torch.cat(layer(x), 1), (x[:2].detach().requires_grad_(),), atol=1e-6)
+
+
+# ------------------------------------------------------------------- the default adjoint solver
+def test_default_ift_solves_a_small_block_exactly_with_one_batched_vjp(data):
+    """D ≤ 16 with IFT(solver=None): Aᵀ from one batched VJP and a dense solve (one step, D products)."""
+    A, Bm, x, g = data
+    layer = _layer(il.IFT(), A, Bm)
+    torch.testing.assert_close(_input_grad(layer, x, g), _exact_input_grad(A, Bm, g), rtol=1e-12, atol=1e-13)
+    (info,) = layer.backward_info.values()
+    assert info is not None and info.nfe == D and bool((info.nstep == 1).all()) and info.all_converged
+
+
+def test_default_ift_solves_a_large_block_iteratively():
+    d = 20
+    A = _contractive(d)
+    Bm = torch.randn(d, N, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    problem, x_, z_ = _linear_problem(A, Bm)
+    layer = il.ImplicitLayer(problem, [x_], [z_], solver=TIGHT, backward=il.IFT(), init={"z": torch.zeros(d)})
+    x = torch.randn(BATCH, N, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    g = torch.randn(BATCH, d, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    (z,) = layer(x)
+    (grad,) = torch.autograd.grad((z * g).sum(), x)
+    lam = torch.linalg.solve((torch.eye(d, dtype=A.dtype) - A).T, g.T).T
+    torch.testing.assert_close(grad, lam @ Bm, rtol=1e-9, atol=1e-10)
+    (info,) = layer.backward_info.values()
+    assert info is not None and bool((info.nstep > 1).all())
+
+
+def test_default_ift_reports_a_singular_small_block_and_zeroes_its_gradient():
+    """R(z) = a z − b: sample 0 has a = 0 (every z is a root, ∂R/∂z = 0 is singular): its dense adjoint solve is
+    reported failed and its gradient is the documented zero; sample 1 gets the exact dz/d(a, b) = (−z/a, 1/a)."""
+    x_, z_ = il.Input("x"), il.Variable("z")
+    problem = il.Problem([il.Root(z_, lambda z, x: x[:, :1] * z - x[:, 1:], (z_, x_))])
+    layer = il.ImplicitLayer(problem, x_, z_, solver=il.Broyden(tol=1e-12, max_iter=50),
+                             backward=il.IFT(), init={"z": torch.zeros(1)})
+    x = torch.tensor([[0.0, 0.0], [2.0, 4.0]], dtype=torch.float64, requires_grad=True)
+    z = layer(x)
+    with pytest.warns(il.ConvergenceWarning, match="IFT backward"):
+        (grad,) = torch.autograd.grad(z.sum(), x)
+    assert torch.equal(grad[0], torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(grad[1], torch.tensor([-1.0, 0.5], dtype=torch.float64), rtol=1e-10, atol=1e-12)
