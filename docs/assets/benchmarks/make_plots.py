@@ -134,6 +134,39 @@ def plot_meta(text: str, out: pathlib.Path) -> pathlib.Path:
     return save(fig, out / "meta.png")
 
 
+def plot_small(text: str, out: pathlib.Path) -> pathlib.Path:
+    """Time of each call at B = 1 and B = 8, before and (once measured) after the core's overhead work."""
+    (table,) = section_tables(text, "The fixed cost of a call: a 4-dimensional fixed point")
+    batch, rows = "", []
+    for row in table:
+        batch = row[0] or batch
+        after = value_range(row[6]) if row[6].strip() else None
+        rows.append((batch, row[1].replace("`", ""), value_range(row[3]), after))
+    batches = list(dict.fromkeys(b for b, _, _, _ in rows))
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.6 * len(batches), 5.0), sharey=True)
+    for ax, b in zip(axes, batches):
+        mine = [r for r in rows if r[0] == b]
+        y = range(len(mine))
+        before = [(lo + hi) / 2000 for _, _, (lo, hi), _ in mine]
+        measured_after = any(a is not None for *_, a in mine)
+        colors = ["tab:red" if name.startswith("torchdeq") else "tab:gray" if name.startswith("bare") else "tab:blue"
+                  for _, name, _, _ in mine]
+        ax.barh([i - 0.2 for i in y], before, 0.4, color=colors, alpha=0.45 if measured_after else 1.0, label="before")
+        if measured_after:
+            ax.barh([i + 0.2 for i, r in zip(y, mine) if r[3]], [(r[3][0] + r[3][1]) / 2000 for r in mine if r[3]], 0.4,
+                    color=[c for c, r in zip(colors, mine) if r[3]], label="after")
+        ax.set_yticks(list(y), [name for _, name, _, _ in mine], fontsize=8)
+        ax.set_xlabel("time per call (ms; minimum of 300 rounds)")
+        ax.set_title(f"B = {b}")
+        if measured_after:
+            ax.legend(fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle("4-dim fixed point: the fixed cost of a call (blue: implicitlayers, gray: bare loop, red: torchdeq)",
+                 fontsize=10)
+    fig.tight_layout()
+    return save(fig, out / "small.png")
+
+
 def save(fig, path: pathlib.Path) -> pathlib.Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -146,7 +179,7 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     text = PAGE.read_text(encoding="utf-8")
-    return [plot(text, args.out) for plot in (plot_solvers, plot_backward_memory, plot_jiio, plot_meta)]
+    return [plot(text, args.out) for plot in (plot_solvers, plot_backward_memory, plot_jiio, plot_meta, plot_small)]
 
 
 if __name__ == "__main__":
