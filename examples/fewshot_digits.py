@@ -8,7 +8,11 @@ meta-training class (20 classes; `--no-rotations` keeps the 5 plain digits). Thr
 the MLP 64-64-64-5 (tanh: a smooth activation keeps the inner problem differentiable, see the tutorial):
 
 - **iMAML** (`il.IMAML`): each task's `φ* = argmin L_train(φ) + λ/2‖φ − θ‖²` (λ = 1) by one batched
-  Anderson solve over the meta-batch; meta-gradient `(I + H/λ)⁻¹ ∇L_test` by conjugate gradient.
+  Anderson solve over the meta-batch, run until every task meets its tolerance (the step size set per
+  meta-step from the tasks' curvature); meta-gradient `(I + H/λ)⁻¹ ∇L_test` by conjugate gradient, also
+  to tolerance. The progress bar shows, per meta-step, how many tasks met tol (`tol=16/16`), the most
+  inner iterations (`it`) and how many CG solves met theirs (`cg`); the returned metrics keep these
+  counts per meta-step, and the script fails at the end if any solve missed its tolerance.
 - **MAML**: 16 inner SGD steps (lr 0.1), backpropagated through (second order).
 - **FOMAML**: the same steps, first-order (the query gradient at `φ_K` is applied to `θ`).
 - **JIIO context**: a DEQ `z = tanh(W z + (1 + G c) ⊙ U x + B c + b)` whose per-task context `c`
@@ -38,7 +42,6 @@ from torch.func import functional_call, vmap
 from tqdm import tqdm
 
 import implicitlayers as il
-from implicitlayers.models.imaml import default_backward
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: the repository root makes `examples` importable
@@ -94,17 +97,34 @@ def mlp(n_way: int, hidden: int = 64) -> torch.nn.Module:
 
 # ------------------------------------------------------------------------------ learners
 class IMAMLLearner(torch.nn.Module):
-    """iMAML via `il.IMAML`; `inner_steps` caps the Anderson solve, `cg_steps` the CG meta-gradient solve."""
+    """iMAML via `il.IMAML`: both of its solves run to tolerance, and `solve_counts` says whether they did.
 
-    def __init__(self, n_way: int, lam: float = 1.0, inner_steps: int = 16, cg_steps: int = 5) -> None:
+    The inner problem is solved by Anderson (memory 10) on gradient steps whose size is set on every
+    call from the tasks' curvature (`step_size="auto"`), until each task's gradient norm `‖∇L_train + λ(φ − θ)‖`
+    is below `tol` (at most `max_iter` iterations); the meta-gradient's `(H + λI) x = g` by conjugate
+    gradient until `cg_tol`. A failed solve is not hidden: the IFT gives that task a zero meta-gradient,
+    and `solve_counts` reports it (the script counts it per meta-step and fails at the end).
+    """
+
+    def __init__(self, n_way: int, lam: float = 1.0, tol: float = 1e-4, max_iter: int = 500, cg_tol: float = 1e-5, cg_max_iter: int = 100) -> None:
         super().__init__()
-        backward = default_backward(tol=1e-5, max_iter=cg_steps)
-        backward = il.IFT(solver=backward.solver.replace(on_failure="ignore"))  # a fixed CG budget, as in the paper
-        solver = il.Anderson(memory=5, tol=1e-4, max_iter=inner_steps, on_failure="ignore")
-        self.imaml = il.IMAML(mlp(n_way), F.cross_entropy, lam, solver=solver, backward=backward, step_size=0.1)
+        # "ignore": the script counts failures per meta-step (solve_counts) instead of warning each time.
+        solver = il.Anderson(memory=10, tol=tol, max_iter=max_iter, on_failure="ignore")
+        backward = il.IFT(solver=il.linear.CG(tol=cg_tol, max_iter=cg_max_iter, on_failure="ignore"))
+        self.imaml = il.IMAML(mlp(n_way), F.cross_entropy, lam, solver=solver, backward=backward, step_size="auto")
 
     def forward(self, sx, sy, qx) -> torch.Tensor:
         return self.imaml.functional(self.imaml(sx, sy), qx)
+
+    def solve_counts(self, backward: bool = True) -> dict[str, float]:
+        """The last call's inner solve (and, after `.backward()`, its CG solve): tasks that met tol, iterations."""
+        info = self.imaml.last_info
+        counts = {"tasks": int(info.converged.numel()), "met_tol": int(info.converged.sum()), "iters": int(info.nstep.max()),
+                  "step_size": self.imaml.last_step_size}
+        if backward:
+            cg = next(iter(self.imaml.layer.backward_info.values()))
+            counts.update(cg_met_tol=int(cg.converged.sum()) if cg is not None else 0, cg_iters=int(cg.nstep.max()) if cg is not None else 0)
+        return counts
 
 
 class MAMLLearner(torch.nn.Module):
@@ -214,8 +234,38 @@ class JIIOContextLearner(torch.nn.Module):
 
 
 # ------------------------------------------------------------------------------ training and evaluation
-def meta_train(learner: torch.nn.Module, sampler: TaskSampler, steps: int, meta_batch: int, lr: float, desc: str) -> float:
+class SolveLog:
+    """Per meta-step counts of an `IMAMLLearner`'s solves: how many tasks met tol (inner and CG), iterations."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def add(self, counts: dict[str, float]) -> None:
+        self.rows.append(counts)
+
+    def failed(self, key: str = "met_tol") -> int:
+        return int(sum(r["tasks"] - r[key] for r in self.rows))
+
+    def summary(self, prefix: str) -> dict:
+        if not self.rows:
+            return {}
+        out = {
+            f"{prefix}met_tol_per_step": [r["met_tol"] for r in self.rows],
+            f"{prefix}solves": int(sum(r["tasks"] for r in self.rows)),
+            f"{prefix}failed": self.failed(),
+            f"{prefix}iters_mean": float(np.mean([r["iters"] for r in self.rows])),
+            f"{prefix}iters_max": int(max(r["iters"] for r in self.rows)),
+            f"{prefix}step_size_first_last": [self.rows[0]["step_size"], self.rows[-1]["step_size"]],
+        }
+        if "cg_met_tol" in self.rows[0]:
+            out[f"{prefix}cg_failed"] = self.failed("cg_met_tol")
+            out[f"{prefix}cg_iters_max"] = int(max(r["cg_iters"] for r in self.rows))
+        return out
+
+
+def meta_train(learner: torch.nn.Module, sampler: TaskSampler, steps: int, meta_batch: int, lr: float, desc: str) -> tuple[float, SolveLog]:
     opt = torch.optim.Adam(learner.parameters(), lr=lr)
+    log = SolveLog()
     start = time.perf_counter()
     bar = tqdm(range(steps), desc=desc, leave=False)
     for _ in bar:
@@ -224,23 +274,32 @@ def meta_train(learner: torch.nn.Module, sampler: TaskSampler, steps: int, meta_
         opt.zero_grad()
         loss.backward()
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    return time.perf_counter() - start
+        if isinstance(learner, IMAMLLearner):
+            counts = learner.solve_counts()
+            log.add(counts)
+            bar.set_postfix(loss=f"{loss.item():.3f}", tol=f"{counts['met_tol']}/{counts['tasks']}", it=counts["iters"],
+                            cg=f"{counts['cg_met_tol']}/{counts['tasks']}")
+        else:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return time.perf_counter() - start, log
 
 
-def evaluate(learner: torch.nn.Module, sampler: TaskSampler, tasks: int, chunk: int = 50) -> tuple[float, float]:
-    """Mean query accuracy over `tasks` meta-test tasks and its 95% interval half-width (1.96·sd/√n)."""
+def evaluate(learner: torch.nn.Module, sampler: TaskSampler, tasks: int, chunk: int = 50) -> tuple[float, float, SolveLog]:
+    """Mean query accuracy over `tasks` meta-test tasks, its 95% interval half-width (1.96·sd/√n), and the solves' log."""
     accs = []
+    log = SolveLog()
     with torch.no_grad():
         for done in range(0, tasks, chunk):
             sx, sy, qx, qy = sampler.sample(min(chunk, tasks - done))
             accs.append((learner(sx, sy, qx).argmax(-1) == qy).float().mean(1))
+            if isinstance(learner, IMAMLLearner):
+                log.add(learner.solve_counts(backward=False))
     acc = torch.cat(accs)
-    return float(acc.mean()), float(1.96 * acc.std() / math.sqrt(len(acc)))
+    return float(acc.mean()), float(1.96 * acc.std() / math.sqrt(len(acc))), log
 
 
 LEARNERS: dict[str, Callable[..., torch.nn.Module]] = {
-    "iMAML": lambda n, a: IMAMLLearner(n, inner_steps=a.inner_steps, cg_steps=a.cg_steps),
+    "iMAML": lambda n, a: IMAMLLearner(n, tol=a.inner_tol, max_iter=a.inner_max_iter, cg_tol=a.cg_tol, cg_max_iter=a.cg_max_iter),
     "MAML": lambda n, a: MAMLLearner(n, steps=a.inner_steps),
     "FOMAML": lambda n, a: MAMLLearner(n, steps=a.inner_steps, first_order=True),
     "JIIO context": lambda n, a: JIIOContextLearner(n),
@@ -252,8 +311,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=500, help="meta-training steps")
     parser.add_argument("--meta-batch", type=int, default=16)
-    parser.add_argument("--inner-steps", type=int, default=16)
-    parser.add_argument("--cg-steps", type=int, default=5)
+    parser.add_argument("--inner-steps", type=int, default=16, help="MAML/FOMAML: inner SGD steps")
+    parser.add_argument("--inner-tol", type=float, default=1e-4, help="iMAML: tolerance of the inner solve (each task's gradient norm)")
+    parser.add_argument("--inner-max-iter", type=int, default=500, help="iMAML: iteration cap of the inner solve")
+    parser.add_argument("--cg-tol", type=float, default=1e-5, help="iMAML: tolerance of the meta-gradient's CG solve")
+    parser.add_argument("--cg-max-iter", type=int, default=100, help="iMAML: iteration cap of the CG solve")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--test-tasks", type=int, default=600)
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
@@ -263,6 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (small models: 1 avoids threading overhead)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("outputs"))
     parser.add_argument("--fast", action="store_true", help="tiny run (a few steps, 50 test tasks) for the test suite")
+    parser.add_argument("--allow-unconverged", action="store_true", help="report, but do not fail on, iMAML solves that missed tol")
     args = parser.parse_args(argv)
     if args.fast:
         args.steps, args.test_tasks, args.meta_batch, args.shots = 3, 50, 4, [1]
@@ -273,7 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     n_way, queries = 5, 5
-    metrics: dict[str, dict[str, dict[str, float]]] = {}
+    metrics: dict[str, dict[str, dict]] = {}
+    unconverged = []
     for shots in args.shots:
         setting = f"{n_way}-way {shots}-shot"
         metrics[setting] = {}
@@ -282,17 +346,35 @@ def run(args: argparse.Namespace) -> dict:
             train = TaskSampler([0, 1, 2, 3, 4], n_way, shots, queries, seed=args.seed, rotations=not args.no_rotations)
             test = TaskSampler([5, 6, 7, 8, 9], n_way, shots, queries, seed=args.seed + 1)
             learner = LEARNERS[name](n_way, args)
-            init_acc, _ = evaluate(learner, test, args.test_tasks)  # the same adaptation from the untrained init
+            init_acc, _, _ = evaluate(learner, test, args.test_tasks)  # the same adaptation from the untrained init
             test = TaskSampler([5, 6, 7, 8, 9], n_way, shots, queries, seed=args.seed + 1)
-            seconds = meta_train(learner, train, args.steps, args.meta_batch, args.lr, f"{setting} {name}")
-            acc, ci = evaluate(learner, test, args.test_tasks)
-            metrics[setting][name] = {"accuracy": acc, "ci95": ci, "train_time_s": seconds, "init_accuracy": init_acc}
+            seconds, train_log = meta_train(learner, train, args.steps, args.meta_batch, args.lr, f"{setting} {name}")
+            acc, ci, test_log = evaluate(learner, test, args.test_tasks)
+            metrics[setting][name] = {"accuracy": acc, "ci95": ci, "train_time_s": seconds, "init_accuracy": init_acc,
+                                      **train_log.summary("train_inner_"), **test_log.summary("test_inner_")}
             print(
                 f"{setting:>12} {name:>13}: accuracy {100 * acc:5.1f} ± {100 * ci:4.1f} % (untrained init {100 * init_acc:5.1f} %)"
                 f"  meta-train {seconds:6.1f} s"
             )
+            if train_log.rows:
+                m = metrics[setting][name]
+                print(
+                    f"{'':>27}inner solves that met tol: meta-training {m['train_inner_solves'] - m['train_inner_failed']}/"
+                    f"{m['train_inner_solves']} (all tasks in {sum(r['met_tol'] == r['tasks'] for r in train_log.rows)}/{len(train_log.rows)} "
+                    f"meta-steps; iterations mean of max {m['train_inner_iters_mean']:.0f}, max {m['train_inner_iters_max']}), "
+                    f"meta-test {m['test_inner_solves'] - m['test_inner_failed']}/{m['test_inner_solves']}; "
+                    f"CG met tol {m['train_inner_solves'] - m['train_inner_cg_failed']}/{m['train_inner_solves']}"
+                )
+                if m["train_inner_failed"] or m["test_inner_failed"] or m["train_inner_cg_failed"]:
+                    unconverged.append(f"{setting} {name}")
     (args.out / "fewshot_digits.json").write_text(json.dumps(metrics, indent=2))
     plot(metrics, args.out / "fewshot_digits.png")
+    if unconverged and not args.allow_unconverged:
+        raise RuntimeError(
+            f"iMAML solves missed their tolerance in {unconverged} (counts above and in fewshot_digits.json): their "
+            "meta-gradients were taken at an inexact φ* (or zeroed, for CG). Raise --inner-max-iter / --cg-max-iter, "
+            "or pass --allow-unconverged to keep the run's results anyway."
+        )
     return metrics
 
 

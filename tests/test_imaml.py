@@ -187,7 +187,125 @@ def test_float32_classifier_converges_with_the_defaults():
     assert F.cross_entropy(logits.flatten(0, 1), y.flatten()) < before
 
 
+# ------------------------------------------------------------------------------ the step size from curvature
+def stiff_tasks(tasks: int = 3, n: int = 8, d: int = 5, top: float = 40.0, seed: int = 0):
+    """Regression tasks with `H_t = X_tᵀX_t/N` of known spectrum: task t's largest eigenvalue is `top·(t+1)`,
+    the others in [0.01, 1] (an ill-conditioned L_train: κ(H + λI) ≈ 120 for λ = 1)."""
+    g = torch.Generator().manual_seed(seed)
+    xs = []
+    for t in range(tasks):
+        q, _ = torch.linalg.qr(torch.randn(n, d, generator=g, dtype=torch.float64))
+        spectrum = torch.cat([torch.tensor([top * (t + 1)], dtype=torch.float64), torch.linspace(1.0, 0.01, d - 1, dtype=torch.float64)])
+        v, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        xs.append(q @ torch.diag((n * spectrum).sqrt()) @ v.T)  # XᵀX/N = V diag(spectrum) Vᵀ
+    y = torch.randn(tasks, n, 1, generator=g, dtype=torch.float64)
+    return torch.stack(xs), y
+
+
+def stationarity(imaml: il.IMAML, params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per task ‖∇L_train(φ) + λ(φ − θ)‖, computed here independently of the layer (for a block of objectives
+    only, the solvers' stopping test is this absolute gradient norm)."""
+    phi = params["weight"].detach().reshape(x.shape[0], -1).requires_grad_()
+    theta = imaml.model.weight.detach().reshape(-1)
+    loss = sum(half_mse(x[t] @ phi[t, :, None], y[t]) for t in range(x.shape[0]))
+    (grad,) = torch.autograd.grad(loss, phi)
+    return (grad + imaml.lam * (phi - theta)).norm(dim=1).detach()
+
+
+def test_auto_step_size_solves_an_ill_conditioned_inner_problem_to_tol_where_a_fixed_step_diverges():
+    x, y = stiff_tasks()
+    model = torch.nn.Linear(5, 1, bias=False).double()
+    fixed = il.IMAML(model, half_mse, 1.0, step_size=0.5, solver=il.FixedPointIteration(tol=1e-8, max_iter=200, on_failure="ignore"))
+    fixed(x, y)
+    assert not bool(fixed.last_info.converged.any())  # 0.5 > 2/(L + λ): plain gradient steps diverge
+    for solver in (il.FixedPointIteration(tol=1e-8, max_iter=5000), il.Anderson(memory=10, tol=1e-8, max_iter=500)):
+        imaml = il.IMAML(model, half_mse, 1.0, solver=solver, power_iters=30)
+        params = imaml(x, y)
+        assert bool(imaml.last_info.converged.all())
+        assert float(stationarity(imaml, params, x, y).max()) <= 1e-8
+        expected, _ = closed_form(x, y, model.weight.detach().reshape(-1), 1.0)
+        torch.testing.assert_close(params["weight"].reshape(3, 5), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_auto_step_size_is_one_over_the_curvature_of_a_quadratic():
+    x, y = stiff_tasks()
+    lam = 1.0
+    exact = torch.linalg.eigvalsh(x.transpose(1, 2) @ x / x.shape[1])[:, -1]  # 40, 80, 120
+    model = torch.nn.Linear(5, 1, bias=False).double()
+    descent = il.IMAML(model, half_mse, lam, solver=il.FixedPointIteration(tol=1e-8, max_iter=5000), power_iters=40)
+    descent(x, y)
+    torch.testing.assert_close(descent.last_curvature, exact, rtol=1e-6, atol=0)
+    assert descent.last_step_size == pytest.approx(1 / (120 + lam), rel=1e-6)  # the largest over the meta-batch
+    accelerated = il.IMAML(model, half_mse, lam, power_iters=40)  # Anderson: 1/√(λ(L + λ))
+    accelerated(x, y)
+    assert accelerated.last_step_size == pytest.approx((lam * (120 + lam)) ** -0.5, rel=1e-6)
+    assert accelerated.solver is accelerated.layer.solver.inner and isinstance(accelerated.solver, il.Anderson)
+
+
+def test_curvature_estimate_is_warm_started_from_the_previous_call():
+    x, y = stiff_tasks(top=2.0)  # a small spectral gap (2 against 1): power iteration converges slowly
+    exact = torch.linalg.eigvalsh(x.transpose(1, 2) @ x / x.shape[1])[:, -1]
+    model = torch.nn.Linear(5, 1, bias=False).double()
+    cold = il.IMAML(model, half_mse, 1.0).curvature(x, y, iters=1)
+    imaml = il.IMAML(model, half_mse, 1.0)
+    imaml.curvature(x, y, iters=60)
+    warm = imaml.curvature(x, y, iters=1)
+    torch.testing.assert_close(warm, exact, rtol=1e-9, atol=0)
+    assert float(((cold - exact).abs() / exact).max()) > 1e-3
+
+
+def test_zero_curvature_gives_the_proximal_step():
+    # L_train linear in φ: H = 0, so α = 1/λ and one gradient step lands on φ* = θ − ∇L_train/λ.
+    model = torch.nn.Linear(3, 1, bias=False).double()
+    imaml = il.IMAML(model, lambda p, y: (p * y).mean(), 2.0, solver=il.FixedPointIteration(tol=1e-12, max_iter=5))
+    x, y = regression_tasks(2, 4, 3)
+    params = imaml(x, y)
+    assert torch.equal(imaml.last_curvature, torch.zeros(2, dtype=torch.float64)) and imaml.last_step_size == 0.5
+    expected = model.weight.detach() - (x * y).mean(1, keepdim=True) / 2.0
+    torch.testing.assert_close(params["weight"], expected, atol=1e-12, rtol=0)
+    assert int(imaml.last_info.nstep.max()) <= 1
+
+
+def test_gradcheck_float64_with_the_auto_step_and_plain_gradient_steps():
+    # The default-solver gradcheck above runs with step_size="auto" (Anderson's step); this one with its
+    # descent step 1/(L + λ), on support data whose curvature is well above λ.
+    torch.manual_seed(8)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh(), torch.nn.Linear(2, 1)).double()
+    imaml = il.IMAML(model, half_mse, 1.0, solver=il.FixedPointIteration(tol=1e-12, max_iter=2000),
+                     backward=default_backward(tol=1e-12, max_iter=100))
+    x = torch.randn(1, 4, 2, dtype=torch.float64) * 2
+    y, qx = torch.randn(1, 4, 1, dtype=torch.float64), torch.randn(1, 3, 2, dtype=torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+    leaves = [p.detach().clone().requires_grad_() for p in model.parameters()]
+
+    def meta_forward(*params):
+        adapted = functional_call(imaml, {f"model.{n}": p for n, p in zip(names, params)}, (x, y))
+        return imaml.functional(adapted, qx)
+
+    assert torch.autograd.gradcheck(meta_forward, tuple(leaves), atol=1e-6)
+    assert imaml.last_step_size == pytest.approx(1 / (float(imaml.last_curvature.max()) + 1.0))
+    assert float(imaml.last_curvature.max()) > 1.0  # the curvature, not λ alone, set the step
+
+
 # ------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("step_size", ["fast", 0.0, -0.1, float("nan"), float("inf"), True, None])
+def test_bad_step_size_is_rejected(step_size):
+    with pytest.raises(ValueError, match="step_size must be 'auto' or a positive finite number"):
+        il.IMAML(torch.nn.Linear(2, 1), half_mse, 1.0, step_size=step_size)
+
+
+@pytest.mark.parametrize("power_iters", [0, -1, 1.5, True])
+def test_bad_power_iters_are_rejected(power_iters):
+    with pytest.raises(ValueError, match="power_iters must be a positive int"):
+        il.IMAML(torch.nn.Linear(2, 1), half_mse, 1.0, power_iters=power_iters)
+
+
+def test_auto_step_with_phantom_is_rejected():
+    with pytest.raises(ValueError, match="il.Phantom.*float step_size"):
+        il.IMAML(torch.nn.Linear(2, 1), half_mse, 1.0, backward=il.Phantom())
+    il.IMAML(torch.nn.Linear(2, 1), half_mse, 1.0, backward=il.Phantom(), step_size=0.1)  # a fixed step is fine
+
+
 def test_mismatched_task_counts_are_rejected():
     imaml = linear_imaml(3, lam=1.0)
     with pytest.raises(ValueError, match="support_x has 4 task.*support_y has 3"):
@@ -252,3 +370,7 @@ def test_fewshot_example_runs_in_fast_mode(tmp_path: pathlib.Path):
     for setting in metrics.values():
         for learner in setting.values():
             assert 0.0 <= learner["accuracy"] <= 1.0 and learner["ci95"] >= 0.0
+        # Per meta-step counts of iMAML's inner solves that met tol (3 meta-steps of 4 tasks): all of them.
+        imaml = setting["iMAML"]
+        assert imaml["train_inner_met_tol_per_step"] == [4, 4, 4]
+        assert imaml["train_inner_failed"] == imaml["train_inner_cg_failed"] == imaml["test_inner_failed"] == 0

@@ -18,12 +18,24 @@ the residual), and memory does not depend on how many inner iterations the forwa
 
 All `T` tasks are solved at once: the per-task loss is `torch.func.functional_call` of the model with
 that task's parameters, vectorised over tasks with `torch.func.vmap`.
+
+**Step size from curvature.** The forward solve iterates `φ ← φ − α R(φ)` (accelerated by Anderson).
+`A = H + λI` has its spectrum in `[λ, L + λ]` (for `H ⪰ 0`), with `L` the largest curvature of
+`L_train`, and `L` grows during meta-training (on the few-shot digits example from about 1 at the
+initialisation to about 240 after 500 meta-steps, with λ = 1), so no fixed α suits a whole run. With
+`step_size="auto"` (the default) every call estimates `L_t = ‖H_t‖₂` of each task at θ by a few power
+iterations of Hessian–vector products, warm-started from the previous call's vectors, and sets one α
+for the meta-batch from `L = max_t L_t`: `α = 1/(L + λ)` for plain gradient steps
+(`il.FixedPointIteration`, the descent step of an `(L + λ)`-smooth objective) and
+`α = 1/√(λ (L + λ))` for the accelerated solvers (`il.Anderson`, `il.Broyden`), which centres the
+spectrum of `αA` around 1 on a log scale (measured: about 2.5× fewer Anderson iterations than
+`1/(L + λ)` late in meta-training, where plain steps of that size diverge).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
@@ -32,11 +44,12 @@ from torch.func import functional_call, vmap
 from ..backward import IFT, Phantom, Unroll
 from ..layer import ImplicitLayer, Solution
 from ..problem import Input, Minimize, Problem, Variable
-from ..solvers import Anderson, SolveInfo
+from ..solvers import Anderson, Broyden, SolveInfo
 
 __all__ = ["IMAML", "default_backward"]
 
 InnerLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StepSize = float | Literal["auto"]
 
 
 def default_backward(tol: float = 1e-6, max_iter: int = 100) -> IFT:
@@ -66,12 +79,26 @@ class IMAML(nn.Module):
             over the support set). It is vectorised over tasks with `torch.func.vmap`, so it must be a
             pure tensor function (no `.item()`, no data-dependent Python branching).
         lam: the proximal strength λ > 0 (the paper uses λ = 2). Larger λ keeps `φ*` closer to `θ`.
-        solver: forward solver of the inner problem (default `il.Anderson(memory=5, tol=1e-5, max_iter=100)`
-            on the gradient-step map `φ ← φ − step_size · R(φ)`); `il.Broyden` works on `R` directly.
+        solver: forward solver of the inner problem (default
+            `il.Anderson(memory=10, tol=1e-5, max_iter=500)` on the gradient-step map `φ ← φ − α R(φ)`):
+            a tolerance-driven budget, each task stops when it meets `tol`, and a task that does not
+            within `max_iter` warns (`il.ConvergenceWarning`) under the default `on_failure="warn"`.
+            `il.Broyden` works on `R` directly (α scales its initial inverse Jacobian).
         backward: `il.IFT(solver=il.linear.CG(...))` by default (`default_backward()`); `il.Phantom`
-            and `il.Unroll` also apply.
-        step_size: the gradient step α of the fixed-point map (Picard/Anderson). It must satisfy
-            α < 2/(L + λ) with `L` the curvature of `L_train`; default `1/(λ + 1)`.
+            and `il.Unroll` also apply. A task whose CG solve does not meet its tolerance gets a zero
+            meta-gradient (and a warning, by the IFT's failure policy): give CG enough iterations.
+        step_size: the gradient step α of the fixed-point map. `"auto"` (default) sets it on every call
+            from the curvature of the tasks (module docstring): `1/(L + λ)` for `il.FixedPointIteration`
+            and any solver other than Anderson and Broyden, `1/√(λ (L + λ))` for `il.Anderson` and
+            `il.Broyden`. A positive float fixes it (plain gradient steps need α < 2/(L + λ)).
+        power_iters: Hessian–vector products per call for the curvature estimate of `step_size="auto"`
+            (power iterations, warm-started from the previous call's vectors, so an estimate within
+            about 10 % after the first call); ignored for a float `step_size`.
+
+    Cost of `step_size="auto"`: one gradient of the meta-batch's training loss with its graph kept,
+    then `power_iters` batched Hessian–vector products (double backward), about
+    `2 + 2·power_iters` gradient evaluations per call; a converged inner solve on the few-shot
+    digits example takes 15–45 evaluations.
 
     !!! warning
         Use a smooth model (tanh, softplus, GELU). With ReLU the proximal minimiser can sit on a kink,
@@ -79,6 +106,9 @@ class IMAML(nn.Module):
 
     Attributes:
         last_solution: the `il.Solution` of the last call.
+        last_step_size: the α used by the last call.
+        last_curvature: `(T,)` the curvature estimates `‖H_t‖₂` at θ of the last call (`None` for a
+            float `step_size`).
 
     Example:
         ```python
@@ -103,7 +133,8 @@ class IMAML(nn.Module):
         *,
         solver: Any = None,
         backward: IFT | Phantom | Unroll | None = None,
-        step_size: float | None = None,
+        step_size: StepSize = "auto",
+        power_iters: int = 3,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -112,9 +143,19 @@ class IMAML(nn.Module):
             raise TypeError(f"IMAML: inner_loss must be a callable (prediction, target) -> scalar, got {type(inner_loss).__name__}.")
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
             raise ValueError(f"IMAML: lam must be a positive finite number, got {lam!r}.")
+        auto = _check_step_size(step_size)
+        if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 1:
+            raise ValueError(f"IMAML: power_iters must be a positive int (Hessian–vector products per call), got {power_iters!r}.")
+        if auto and isinstance(backward, Phantom):
+            raise ValueError(
+                "IMAML: step_size='auto' sets the inner step on every call, but il.Phantom unrolls the map with the "
+                "problem's fixed step; pass a float step_size (below 2/(L + λ)) with il.Phantom."
+            )
         self.model = model
         self.inner_loss = inner_loss
         self.lam = float(lam)
+        self.step_size: StepSize = step_size if auto else float(step_size)
+        self.power_iters = power_iters
         trainable = [(n, p.shape) for n, p in model.named_parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("IMAML: the model has no trainable parameters to adapt.")
@@ -122,19 +163,31 @@ class IMAML(nn.Module):
         self._names = [n for n, _ in trainable]
         self._shapes = [tuple(s) for _, s in trainable]
         self._sizes = [math.prod(s) for s in self._shapes]
-        step = 1.0 / (self.lam + 1.0) if step_size is None else step_size
+        # With "auto" the problem's own step is what a fixed-point adjoint solver of the backward uses (the
+        # default CG does not depend on it: a scalar preconditioner leaves its iterates unchanged).
+        fixed = 1.0 / (self.lam + 1.0) if auto else float(step_size)
         theta, sx, sy, phi = Input("theta"), Input("support_x"), Input("support_y"), Variable("phi")
-        problem = Problem([Minimize(phi, self._objective, (phi, theta, sx, sy), step_size=step)])
+        problem = Problem([Minimize(phi, self._objective, (phi, theta, sx, sy), step_size=fixed)])
+        inner = solver if solver is not None else Anderson(memory=10, tol=1e-5, max_iter=500)
         self.layer = ImplicitLayer(
             problem,
             inputs=[theta, sx, sy],
             outputs=[phi],
-            solver=solver if solver is not None else Anderson(memory=5, tol=1e-5, max_iter=100),
+            solver=_StepSized(inner) if auto else inner,
             backward=backward if backward is not None else default_backward(),
             init={"phi": _start_at_theta},
         )
         # The objective is a bound method of this module, so the layer registered no module of its
         # own: `imaml.parameters()` lists exactly the model's parameters.
+        self.last_step_size: float = fixed
+        self.last_curvature: torch.Tensor | None = None
+        self._power_vectors: torch.Tensor | None = None
+
+    @property
+    def solver(self) -> Any:
+        """The forward solver of the inner problem (without the per-call step of `step_size="auto"`)."""
+        solver = self.layer.solver
+        return solver.inner if isinstance(solver, _StepSized) else solver
 
     # ------------------------------------------------------------------------------ the problem
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -162,6 +215,47 @@ class IMAML(nn.Module):
             )
         return losses + 0.5 * self.lam * (phi - theta).pow(2).sum(1)
 
+    # ------------------------------------------------------------------------------ the step size
+    def curvature(self, support_x: torch.Tensor, support_y: torch.Tensor, iters: int | None = None) -> torch.Tensor:
+        """Per task, an estimate of `‖H_t‖₂`, the largest curvature of `L_train,t` at θ: `(T,)`.
+
+        Power iteration on `v ↦ H_t v` (Hessian–vector products by double backward, all tasks batched),
+        `iters` products (default `power_iters`), started from the previous call's vectors when the
+        meta-batch has the same shape (θ moves little between meta-steps, and the leading curvature
+        directions of these tasks are alike), else from a fixed random draw. It approaches `‖H_t‖₂`
+        from below. Not differentiable (the data and θ are detached).
+        """
+        iters = self.power_iters if iters is None else iters
+        sx, sy = support_x.detach(), support_y.detach()
+        theta = self.flat_parameters().detach().to(sx.dtype)
+        phi = theta.expand(sx.shape[0], theta.shape[0]).clone().requires_grad_()
+        v = self._power_vectors
+        if v is None or v.shape != phi.shape or v.dtype != phi.dtype or v.device != phi.device:
+            gen = torch.Generator(device=phi.device).manual_seed(0)  # reproducible, and the global RNG is untouched
+            v = torch.randn(phi.shape, generator=gen, dtype=phi.dtype, device=phi.device)
+        v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+        norm = phi.new_zeros(phi.shape[0])
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(vmap(self.task_loss)(phi, sx, sy).sum(), phi, create_graph=True)
+            for _ in range(iters):
+                hv = None
+                if g.requires_grad:  # else L_train is linear in φ: no curvature
+                    (hv,) = torch.autograd.grad(g, phi, v, retain_graph=True, allow_unused=True)
+                if hv is None:
+                    norm = phi.new_zeros(phi.shape[0])
+                    break
+                norm = torch.linalg.vector_norm(hv, dim=1)
+                # A task with H_t v = 0 keeps its vector (its estimate is 0).
+                v = torch.where(norm[:, None] > 0, hv / norm.clamp_min(torch.finfo(hv.dtype).tiny)[:, None], v)
+        self._power_vectors = v.detach()
+        return norm.detach()
+
+    def auto_step_size(self, curvature: float) -> float:
+        """The step `step_size="auto"` takes for the largest curvature `L` of a meta-batch (module docstring)."""
+        if isinstance(self.solver, (Anderson, Broyden)):
+            return 1.0 / math.sqrt(self.lam * (curvature + self.lam))
+        return 1.0 / (curvature + self.lam)
+
     # ------------------------------------------------------------------------------ calling
     def forward(self, support_x: torch.Tensor, support_y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Adapt to a meta-batch: `support_x` `(T, N, ...)`, `support_y` `(T, N, ...)`.
@@ -171,18 +265,36 @@ class IMAML(nn.Module):
             the model's parameters (and the support data) by the backward mode.
         """
         self._check_support(support_x, support_y)
+        if isinstance(self.layer.solver, _StepSized):
+            try:
+                curvature = self.curvature(support_x, support_y)
+            except RuntimeError as error:
+                raise self._support_error(support_x, support_y, error) from error
+            largest = float(curvature.max())
+            if not math.isfinite(largest):
+                raise ValueError(
+                    f"IMAML: the curvature estimate of L_train at θ is not finite ({largest}); check inner_loss and the "
+                    "support data, or pass a float step_size."
+                )
+            self.last_curvature = curvature
+            self.last_step_size = self.layer.solver.step = self.auto_step_size(largest)
         theta = self.flat_parameters().to(support_x.dtype)
         batch_theta = theta.expand(support_x.shape[0], theta.shape[0])
         try:
             (phi,) = self.layer(batch_theta, support_x, support_y)
         except RuntimeError as error:
-            if "vmap" in str(error) or "shape" in str(error) or "size" in str(error):
-                raise ValueError(
-                    f"IMAML: evaluating inner_loss(model(support_x[t]), support_y[t]) failed for one task's support_x of "
-                    f"shape {tuple(support_x.shape[1:])} and support_y of shape {tuple(support_y.shape[1:])}: {error}"
-                ) from error
-            raise
+            raise self._support_error(support_x, support_y, error) from error
         return self.unflatten(phi)
+
+    @staticmethod
+    def _support_error(support_x: torch.Tensor, support_y: torch.Tensor, error: RuntimeError) -> Exception:
+        """A shape error inside the vmapped loss, re-raised naming the support shapes (others unchanged)."""
+        if "vmap" in str(error) or "shape" in str(error) or "size" in str(error):
+            return ValueError(
+                f"IMAML: evaluating inner_loss(model(support_x[t]), support_y[t]) failed for one task's support_x of "
+                f"shape {tuple(support_x.shape[1:])} and support_y of shape {tuple(support_y.shape[1:])}: {error}"
+            )
+        return error
 
     def functional(self, params: dict[str, torch.Tensor], query_x: torch.Tensor) -> torch.Tensor:
         """The model on each task's queries with that task's parameters: `(T, M, ...) -> (T, M, ...)`.
@@ -238,7 +350,42 @@ class IMAML(nn.Module):
         return None if sol is None else next(iter(sol.info.values()))
 
     def extra_repr(self) -> str:
-        return f"lam={self.lam}, solver={self.layer.solver!r}, backward={self.layer.backward_mode!r}"
+        return f"lam={self.lam}, step_size={self.step_size!r}, solver={self.solver!r}, backward={self.layer.backward_mode!r}"
+
+
+def _check_step_size(step_size: object) -> bool:
+    """Whether `step_size` is `"auto"`; a `ValueError` unless it is that or a positive finite number."""
+    if isinstance(step_size, str):
+        if step_size == "auto":
+            return True
+    elif not isinstance(step_size, bool) and isinstance(step_size, (int, float)) and math.isfinite(step_size) and step_size > 0:
+        return False
+    raise ValueError(f"IMAML: step_size must be 'auto' or a positive finite number (the gradient step α), got {step_size!r}.")
+
+
+class _StepSized:
+    """The inner solver with the step of `step_size="auto"`, set by `IMAML.forward` before each solve.
+
+    It passes the layer's solver a preconditioner `P = α·1` (the diagonal of the map `w − P ⊙ R(w)`, see
+    `il.Solver`) in place of the problem's fixed step; everything else is the wrapped solver's.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.step = 1.0
+
+    def solve(self, residual_fn: Any, w0: torch.Tensor, *, precond: torch.Tensor | None = None, **options: Any) -> Any:
+        step = torch.full((w0.shape[1],), self.step, dtype=w0.dtype, device=w0.device)
+        return self.inner.solve(residual_fn, w0, precond=step, **options)
+
+    def __getattr__(self, name: str) -> Any:
+        # tol, max_iter, on_failure, ...: what failure messages read off the solver.
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __repr__(self) -> str:
+        return f"{self.inner!r} (step_size='auto', last {self.step:.3g})"
 
 
 def _start_at_theta(theta: torch.Tensor, support_x: torch.Tensor, support_y: torch.Tensor) -> torch.Tensor:
