@@ -15,7 +15,7 @@ import runpy
 import sys
 from typing import Sequence
 
-_BENCHMARKS = ("solvers", "backward", "deq", "jiio", "meta")
+_BENCHMARKS = ("solvers", "backward", "deq", "jiio", "meta", "small")
 
 _DEMOS = {
     "jiio": "train a DEQ decoder on scikit-learn's digits by JIIO latent inference (no encoder; ~20 s on 2 CPU "

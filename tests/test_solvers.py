@@ -202,15 +202,23 @@ def test_a_residual_that_writes_into_a_buffer_gives_the_same_steps(name):
 
 
 # ------------------------------------------------------------------------------ per-sample semantics
+@pytest.mark.parametrize("size", [6, 12], ids=["small-batch", "large-batch"])  # host-side and device-side tests
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name", sorted(SOLVERS))
-def test_a_batch_solves_like_its_samples_alone(name):
-    f = _tanh_cell(6, 10, seed=3)
-    z0 = torch.zeros(6, 10, dtype=torch.float64)
-    solver = SOLVERS[name](tol=1e-9, max_iter=100)
+def test_a_batch_solves_like_its_samples_alone(name, dtype, size):
+    f64 = _tanh_cell(size, 10, seed=3)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return f64(z.double()).to(dtype)
+
+    z0 = torch.zeros(size, 10, dtype=dtype)
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    solver = SOLVERS[name](tol=tol, max_iter=100)
     batch = il.fixed_point(f, z0, solver=solver)
-    for i in range(6):
-        alone = il.fixed_point(_tanh_cell(6, 10, seed=3, rows=slice(i, i + 1)), z0[i : i + 1], solver=solver)
-        torch.testing.assert_close(alone.value[0], batch.value[i], rtol=0, atol=1e-12)
+    for i in range(size):
+        fi64 = _tanh_cell(size, 10, seed=3, rows=slice(i, i + 1))
+        alone = il.fixed_point(lambda z: fi64(z.double()).to(dtype), z0[i : i + 1], solver=solver)
+        torch.testing.assert_close(alone.value[0], batch.value[i], rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)
         assert int(alone.info.nstep[0]) == int(batch.info.nstep[i])
 
 

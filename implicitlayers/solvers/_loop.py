@@ -18,6 +18,7 @@ write into an iterate they returned).
 from __future__ import annotations
 
 import contextlib
+import struct
 from typing import Any, Mapping
 
 import torch
@@ -33,6 +34,8 @@ _REL_EPS = 1e-8
 _DIVERGED = 1e8
 # A relative residual this many machine epsilons small is at the dtype's floor: a sample stuck there stalled.
 _FLOOR_ULPS = 16
+# Batches up to this size test "every sample improved and is above tol" on the host (see `_iterate`).
+_HOST_BATCH = 8
 
 
 def _measure(
@@ -188,6 +191,10 @@ def _iterate(solver: IterativeMethod[Any], fn: _Counted, w0: torch.Tensor, preco
     start_abs = best_abs
     # Whether the host knows that no sample is frozen: then a step needs no mask and no test of `frozen`.
     none_frozen = eager and not bool(frozen.any())
+    # With a handful of samples that test is cheaper on the host: the residual norms come over in one transfer
+    # and are compared there, exactly as the tensors would be (float32 values are exact as Python floats).
+    host_best = best_abs.tolist() if none_frozen and batch <= _HOST_BATCH else None
+    host_tol = _host_value(tol, res.dtype)
     if not none_frozen:
         status = (~torch.isfinite(res)).long() * int(Status.NONFINITE)
         # best_abs holds no NaN from here on, so `res < best_abs` is False for a NaN residual.
@@ -208,6 +215,8 @@ def _iterate(solver: IterativeMethod[Any], fn: _Counted, w0: torch.Tensor, preco
                     break
                 if n_frozen == 0:
                     mask, none_frozen = None, eager
+                    if eager and batch <= _HOST_BATCH:
+                        host_best = torch.nan_to_num(best_abs, nan=float("inf")).tolist()
             state = solver.step(fn, state, mask)
             # `_measure`, inlined: this runs every step
             res_abs = getattr(state, "r_norm", None)
@@ -227,10 +236,15 @@ def _iterate(solver: IterativeMethod[Any], fn: _Counted, w0: torch.Tensor, preco
                 unmasked_steps += 1
                 if none_frozen:
                     # The common case, one host test: every residual finite, lower, and still above tol.
-                    if bool(((res_abs < best_abs) & (res > tol_t)).all()):
+                    if host_best is not None:
+                        norms, measures = torch.stack((res_abs, res)).tolist()
+                        if all(a < b and m > host_tol for a, b, m in zip(norms, host_best, measures)):
+                            best_w, best_abs, host_best = state.w, res_abs, norms
+                            continue
+                    elif bool(((res_abs < best_abs) & (res > tol_t)).all()):
                         best_w, best_abs = state.w, res_abs
                         continue
-                    none_frozen = False
+                    none_frozen, host_best = False, None
             else:
                 nstep = (~frozen).long() if nstep is None else nstep + ~frozen
             improved = res_abs < best_abs  # False for NaN
@@ -281,6 +295,15 @@ def _iterate(solver: IterativeMethod[Any], fn: _Counted, w0: torch.Tensor, preco
     info = SolveInfo(nstep=nstep, residual=best_res, converged=converged, nfe=fn.count, trace=trace, status=status)
     apply_failure_policy(info, name=name, tol=tol, max_iter=solver.max_iter, on_failure=solver.on_failure, hints=hints)
     return best_w, info
+
+
+def _host_value(value: float, dtype: torch.dtype) -> float:
+    """`value` rounded to `dtype` (float32 or float64), as a Python float: what a 0-dim tensor of it holds."""
+    if dtype == torch.float64:
+        return float(value)
+    if dtype == torch.float32:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    return float(torch.tensor(value, dtype=dtype))
 
 
 def _returned_measure(w: torch.Tensor, r_norm: torch.Tensor, rel: bool, eps: float,
