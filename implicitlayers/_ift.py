@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ._transforms import active_transforms, inside_functorch_transform, tangents_may_flow, vmapped_solve
+from ._transforms import active_transforms, inside_functorch_transform, tangents_may_flow, vmapped_solve, with_cached_signature
 from .solvers import Anderson, SolveInfo, SolverConfig, apply_failure_policy
 from .solvers._base import IterativeSolver
 from .solvers._precision import work_dtype
@@ -57,12 +57,28 @@ def adjoint_solver(mode: "IFT", forward_solver: Any) -> Any:
     """The solver of the IFT linear system: the mode's, else one like the forward solver (see `DefaultAdjointSolver`)."""
     if mode.solver is not None:
         return mode.solver
+    try:
+        return _DEFAULT_ADJOINTS[forward_solver]
+    except (KeyError, TypeError):  # (TypeError: a user's solver that is not hashable)
+        pass
     if isinstance(forward_solver, IterativeSolver):
-        return DefaultAdjointSolver(forward_solver.replace(max_iter=max(forward_solver.max_iter, 100), trace=False))
-    tol = forward_solver.tol if isinstance(forward_solver, SolverConfig) else 1e-5
-    return DefaultAdjointSolver(Anderson(tol=tol, max_iter=100))
+        default = DefaultAdjointSolver(forward_solver.replace(max_iter=max(forward_solver.max_iter, 100), trace=False))
+    else:
+        tol = forward_solver.tol if isinstance(forward_solver, SolverConfig) else 1e-5
+        default = DefaultAdjointSolver(Anderson(tol=tol, max_iter=100))
+    if len(_DEFAULT_ADJOINTS) < 256:
+        try:
+            _DEFAULT_ADJOINTS[forward_solver] = default
+        except TypeError:
+            pass
+    return default
 
 
+# Forward solver -> its default adjoint solver (configs are immutable: built once, not on every call).
+_DEFAULT_ADJOINTS: dict[Any, DefaultAdjointSolver] = {}
+
+
+@with_cached_signature
 class _ImplicitCorrection(torch.autograd.Function):
     """Value 0; vector–Jacobian product `g ↦ −A⁻ᵀ g` with `A = ∂R/∂w` at the solution.
 
@@ -112,6 +128,7 @@ class _ImplicitCorrection(torch.autograd.Function):
         return -ctx.adjoint.solve(y_tangent, transpose=False)
 
 
+@with_cached_signature
 class _FirstOrderOnly(torch.autograd.Function):
     """The value of `lam`; differentiating it again raises (the IFT was not prepared for second order)."""
 
@@ -137,6 +154,7 @@ class _FirstOrderOnly(torch.autograd.Function):
         _FirstOrderOnly.backward(ctx)
 
 
+@with_cached_signature
 class _InverseCorrection(torch.autograd.Function):
     """Value 0; vector–Jacobian product `k ↦ −A⁻¹ k` (the transpose of `_ImplicitCorrection`'s)."""
 
@@ -330,6 +348,7 @@ class AdjointProblem:
         return x
 
 
+@with_cached_signature
 class _ConstantProduct(torch.autograd.Function):
     """`v ↦ A v` (or `Aᵀ v`) with `A` a constant: differentiable in `v` to any order, never through `A`."""
 

@@ -9,6 +9,7 @@ functions in `implicitlayers._ift`.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -16,7 +17,16 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from .nn._cache import inside_functorch_transform
 
-__all__ = ["FoldedCall", "active_transforms", "tangents_may_flow", "inside_functorch_transform", "vmapped_solve"]
+__all__ = ["FoldedCall", "active_transforms", "tangents_may_flow", "inside_functorch_transform", "vmapped_solve",
+           "with_cached_signature"]
+
+
+def with_cached_signature(cls: type) -> type:
+    """Store the signature of an autograd function's `forward` on it: `Function.apply` binds default arguments
+    with `inspect.signature(forward)` on every call when `setup_context` is defined, which costs microseconds
+    that a small solve pays on each call (`inspect.signature` returns a stored `__signature__` at once)."""
+    cls.forward.__signature__ = inspect.signature(cls.forward)  # type: ignore[attr-defined]
+    return cls
 
 
 def tangents_may_flow() -> bool:
@@ -32,6 +42,7 @@ def active_transforms() -> set[str]:
     return {i.key().name.lower() for i in retrieve_all_functorch_interpreters()}
 
 
+@with_cached_signature
 class FoldedCall(torch.autograd.Function):
     """`fn(*tensors)`, with every tensor batched along dim 0, as one opaque non-differentiable operation
     whose `vmap` rule folds the vmapped dimension into that batch dimension.
