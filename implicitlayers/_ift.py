@@ -15,7 +15,8 @@ and one VJP of `R` in `θ`. Memory does not depend on the forward iterations.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
@@ -102,6 +103,9 @@ class _ImplicitCorrection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         adjoint = ctx.adjoint
+        if not adjoint.second_order and "jvp" in active_transforms():
+            # Forward mode over this backward (torch.func.hessian, jvp of grad): a second derivative.
+            _FirstOrderOnly.backward(SimpleNamespace(name=adjoint.name))
         with torch.no_grad():
             lam = adjoint.solve(grad)
         if not torch.is_grad_enabled():
@@ -205,6 +209,8 @@ class AdjointProblem:
     on_failure: str = "warn"
     report: Callable[[SolveInfo], None] | None = None
     graph: tuple[torch.Tensor, torch.Tensor] | None = None
+    outer: Mapping[str, torch.Tensor] | None = None
+    residual_in: Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor] | None = None
 
     def linearized(self, v: torch.Tensor) -> torch.Tensor:
         """`A v` with `A = ∂R/∂w` held constant (no derivative through `A`, even of captured parameters)."""
@@ -256,11 +262,26 @@ class AdjointProblem:
         folded into the batch: `V` copies of the `B` samples' systems are solved as one batch of `V·B`.
         """
         if "vmap" in active_transforms():
-            return vmapped_solve(lambda folded: self._solve(folded, transpose), rhs, unsupported=(
-                f"{self.name}: per-sample gradients (torch.func.vmap over grad/vjp/jvp of a layer called on one sample) "
-                "are not supported: each vmapped sample's linear system depends on its vmapped input. The layer's batch "
-                "dimension is already per sample: call it on the whole batch and take torch.autograd gradients per "
-                "sample (e.g. of loss.sum()), or use torch.func.jacrev / jacfwd on the batched call."))
+            unsupported = (
+                f"{self.name}: this vmapped gradient reads a tensor that is vmapped but not an input of the layer "
+                "(e.g. parameters stacked for an ensemble, or per-sample gradients with respect to parameters through "
+                "functional_call). The layer's batch dimension is already per sample: call it on the whole batch and "
+                "take torch.autograd gradients per sample, or use torch.func.jacrev / jacfwd on the batched call."
+            )
+            if self.residual_in is None or self.outer is None:
+                return vmapped_solve(lambda folded: self._solve(folded, transpose), rhs, unsupported=unsupported)
+            # Fold the solution and the outer tensors too: under per-sample gradients (vmap over grad) each vmapped
+            # copy has its own inputs, so its own system; as one batch of V·B samples it is one solve.
+            names = list(self.outer)
+            residual_in = self.residual_in
+
+            def folded_solve(rhs_f: torch.Tensor, w_f: torch.Tensor, *outer_f: torch.Tensor) -> torch.Tensor:
+                env = dict(zip(names, outer_f))
+                folded = dataclasses.replace(self, residual=lambda w: residual_in(w, env), w_star=w_f, graph=None,
+                                             warm_start=None, outer=None, residual_in=None)
+                return folded._solve(rhs_f, transpose)
+
+            return vmapped_solve(folded_solve, rhs, self.w_star.detach(), *self.outer.values(), unsupported=unsupported)
         return self._solve(rhs, transpose)
 
     def _dense_solve(self, rhs: torch.Tensor, tol: float, stop: str) -> tuple[torch.Tensor, SolveInfo] | None:
@@ -385,6 +406,12 @@ def attach_ift(
     """
     w_star = w_star.detach()
     if inside_functorch_transform():
+        transforms = active_transforms()
+        if {"jvp", "grad"} <= transforms:  # forward and reverse mode nested (hessian, jvp of grad): second order
+            if "vmap" in transforms:
+                _refuse_second_order_under_vmap(adjoint.name)
+            if not adjoint.second_order:
+                _FirstOrderOnly.backward(SimpleNamespace(name=adjoint.name))
         y = residual_theta(w_star)
     else:
         # One evaluation serves both derivatives: ∂R/∂θ through the correction below, and the matvecs with
@@ -399,14 +426,18 @@ def attach_ift(
         return None
     if adjoint.second_order:
         if "vmap" in active_transforms():
-            raise NotImplementedError(
-                f"{adjoint.name}: second derivatives under torch.func.vmap (torch.func.hessian, jacfwd of jacrev) are not "
-                "supported through the IFT. Use torch.autograd double backward (create_graph=True) with "
-                "backward=il.IFT(second_order=True), e.g. torch.autograd.functional.hessian."
-            )
+            _refuse_second_order_under_vmap(adjoint.name)
         shift = _ImplicitCorrection.apply(y, adjoint)
         y = y + (residual_theta(w_star + shift) - y - adjoint.linearized(shift))
     return w_star + _ImplicitCorrection.apply(y, adjoint)
+
+
+def _refuse_second_order_under_vmap(name: str) -> None:
+    raise NotImplementedError(
+        f"{name}: second derivatives under torch.func.vmap (torch.func.hessian, jacfwd of jacrev) are not "
+        "supported through the IFT. Use torch.autograd double backward (create_graph=True) with "
+        "backward=il.IFT(second_order=True), e.g. torch.autograd.functional.hessian."
+    )
 
 
 def _reaches_leaf_other_than(t: torch.Tensor, leaf: torch.Tensor, budget: int = 100_000) -> bool:

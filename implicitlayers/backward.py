@@ -82,10 +82,13 @@ class BlockSolve:
     def name(self) -> str:
         return self.system.name
 
-    def residual(self, w: torch.Tensor, *, graph: bool = True, theta: bool = True, equations_only: bool = False) -> torch.Tensor:
+    def residual(self, w: torch.Tensor, *, graph: bool = True, theta: bool = True, equations_only: bool = False,
+                 env: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """`R(w)`; `graph` keeps the autograd graph; `theta` reads the outer tensors with their graphs
-        (else detached, so that only `w` is differentiated)."""
-        env = self.outer if theta else self.detached
+        (else detached, so that only `w` is differentiated); `env` replaces the outer tensors (a vmapped
+        backward passes them folded into the batch)."""
+        if env is None:
+            env = self.outer if theta else self.detached
         if self.autocast is None:
             return self.system.residual(w, env, create_graph=graph, equations_only=equations_only, steps=self.steps)
         with torch.autocast(self.autocast[0], dtype=self.autocast[1]):
@@ -306,7 +309,8 @@ class IFT(BackwardMode):
         adjoint = AdjointProblem(
             residual=lambda w: block.residual(w, theta=False), w_star=w_star, solver=solver, precond=block.precond,
             name=block.name, second_order=self.second_order, warm_start=warm, on_failure=self.failure_policy,
-            report=block.report_backward,
+            report=block.report_backward, outer=block.detached,
+            residual_in=lambda w, env: block.residual(w, theta=False, env=env),
         )
         out = attach_ift(lambda w: block.residual(w), w_star, adjoint)
         return w_star if out is None else out

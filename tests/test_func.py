@@ -133,19 +133,41 @@ def test_jacrev_over_parameters_with_functional_call():
         torch.testing.assert_close(got[name], torch.stack(rows).reshape(*z.shape, *p.shape), rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize(
-    "transform",
-    [
-        lambda deq, x: torch.func.vmap(torch.func.grad(lambda xi: deq(xi[None]).sum()))(x),
-        lambda deq, x: torch.func.vmap(lambda xi: deq(xi[None])[0])(x),  # the cell's parameters require grad
-    ],
-    ids=["per-sample-grad", "vmap-with-grad"],
-)
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-def test_unsupported_transforms_say_so(transform):
+def test_per_sample_gradients_with_respect_to_inputs_match_autograd():
     deq, _ = _deq()
+    x = _x()
+    got = torch.func.vmap(torch.func.grad(lambda xi: deq(xi[None]).pow(2).sum()))(x)
+    xr = x.clone().requires_grad_()
+    (want,) = torch.autograd.grad(deq(xr).pow(2).sum(), xr)  # samples are independent: row i is sample i's
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert want.abs().max() > 0.1
+
+
+def test_per_sample_gradients_with_respect_to_parameters_match_one_sample_backward():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 3).double()
+    with torch.no_grad():
+        lin.weight.mul_(0.5)
+    deq = il.DEQ(_Cell(lin), solver=il.Anderson(tol=1e-12, max_iter=200), backward=il.IFT(solver=il.Anderson(tol=1e-12, max_iter=200)))
+    x = _x()
+    params = {k: v.detach() for k, v in deq.named_parameters()}
+
+    def loss(p, xi):
+        return torch.func.functional_call(deq, p, (xi[None],)).pow(2).sum()
+
+    got = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(x.shape[0]):
+        deq.zero_grad()
+        deq(x[i : i + 1]).pow(2).sum().backward()
+        for name, p in deq.named_parameters():
+            torch.testing.assert_close(got[name][i], p.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_gradients_through_a_forward_vmap_say_so():
+    deq, _ = _deq()  # the cell's parameters require grad, and the vmapped forward records no graph to them
     with pytest.raises(NotImplementedError, match="vmap"):
-        transform(deq, _x())
+        torch.func.vmap(lambda xi: deq(xi[None])[0])(_x())
 
 
 def test_second_derivatives_through_func_need_second_order():
