@@ -216,6 +216,15 @@ class AdjointProblem:
         """`A v` with `A = ∂R/∂w` held constant (no derivative through `A`, even of captured parameters)."""
         return _ConstantProduct.apply(v, self, False)
 
+    def _residual_graph(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(R(w*), w*)` with a graph from the leaf `w*` (call under `torch.enable_grad()`)."""
+        if self.graph is not None:
+            # R evaluated in the forward pass, at w*, with the parameters of that call: a backward that
+            # runs after `functional_call` has restored other parameters must not re-evaluate R.
+            return self.graph
+        w = self.w_star.detach().requires_grad_()
+        return self.residual(w), w
+
     def _operator(self, transpose: bool) -> Callable[[torch.Tensor], torch.Tensor]:
         """The matvec `v ↦ Aᵀ v` (VJP) or `v ↦ A v` (JVP by the double-VJP trick), at the solution.
 
@@ -229,13 +238,7 @@ class AdjointProblem:
                 return lambda v: vjp_fn(v)[0]
             return lambda v: torch.func.jvp(self.residual, (w_star,), (v,))[1]
         with torch.enable_grad():
-            if self.graph is not None:
-                # R evaluated in the forward pass, at w*, with the parameters of that call: a backward that
-                # runs after `functional_call` has restored other parameters must not re-evaluate R.
-                r, w = self.graph
-            else:
-                w = self.w_star.detach().requires_grad_()
-                r = self.residual(w)
+            r, w = self._residual_graph()
             if transpose:
 
                 def matvec(v: torch.Tensor) -> torch.Tensor:
@@ -292,11 +295,7 @@ class AdjointProblem:
         """
         batch, dim = rhs.shape
         with torch.enable_grad():
-            if self.graph is not None:
-                r, w = self.graph
-            else:
-                w = self.w_star.detach().requires_grad_()
-                r = self.residual(w)
+            r, w = self._residual_graph()
             probes = torch.eye(dim, dtype=rhs.dtype, device=rhs.device)[:, None, :].expand(dim, batch, dim)
             try:
                 (rows,) = torch.autograd.grad(r, w, probes, retain_graph=True, allow_unused=True, is_grads_batched=True)

@@ -45,12 +45,17 @@ def test_func_grad_matches_autograd():
     torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-10)
 
 
-def test_func_grad_over_parameters_with_functional_call():
+def _module_deq() -> il.DEQ:
+    """A DEQ whose cell is an `nn.Module` (its parameters are the DEQ's), in float64."""
     torch.manual_seed(0)
-    cell = torch.nn.Linear(3, 3).double()
+    lin = torch.nn.Linear(3, 3).double()
     with torch.no_grad():
-        cell.weight.mul_(0.5)
-    deq = il.DEQ(_Cell(cell), solver=il.Anderson(tol=1e-12, max_iter=200), backward=il.IFT(solver=il.Anderson(tol=1e-12, max_iter=200)))
+        lin.weight.mul_(0.5)
+    return il.DEQ(_Cell(lin), solver=il.Anderson(tol=1e-12, max_iter=200), backward=il.IFT(solver=il.Anderson(tol=1e-12, max_iter=200)))
+
+
+def test_func_grad_over_parameters_with_functional_call():
+    deq = _module_deq()
     x = _x()
     params = {k: v.detach() for k, v in deq.named_parameters()}
     got = torch.func.grad(lambda p: torch.func.functional_call(deq, p, (x,)).sum())(params)
@@ -119,11 +124,7 @@ def test_jacrev_and_jacfwd_match_autograd_and_finite_differences(jacobian):
 
 
 def test_jacrev_over_parameters_with_functional_call():
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(3, 3).double()
-    with torch.no_grad():
-        lin.weight.mul_(0.5)
-    deq = il.DEQ(_Cell(lin), solver=il.Anderson(tol=1e-12, max_iter=200), backward=il.IFT(solver=il.Anderson(tol=1e-12, max_iter=200)))
+    deq = _module_deq()
     x = _x()
     params = dict(deq.named_parameters())
     got = torch.func.jacrev(lambda p: torch.func.functional_call(deq, p, (x,)))(params)
@@ -144,11 +145,7 @@ def test_per_sample_gradients_with_respect_to_inputs_match_autograd():
 
 
 def test_per_sample_gradients_with_respect_to_parameters_match_one_sample_backward():
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(3, 3).double()
-    with torch.no_grad():
-        lin.weight.mul_(0.5)
-    deq = il.DEQ(_Cell(lin), solver=il.Anderson(tol=1e-12, max_iter=200), backward=il.IFT(solver=il.Anderson(tol=1e-12, max_iter=200)))
+    deq = _module_deq()
     x = _x()
     params = {k: v.detach() for k, v in deq.named_parameters()}
 
