@@ -196,7 +196,7 @@ def _iterate(solver: IterativeMethod[Any], fn: _Counted, w0: torch.Tensor, preco
     host_best = best_abs.tolist() if none_frozen and batch <= _HOST_BATCH else None
     host_tol = _host_value(tol, res.dtype)
     if not none_frozen:
-        status = (~torch.isfinite(res)).long() * int(Status.NONFINITE)
+        status = (~(res < inf_t)).long() * int(Status.NONFINITE)  # (res >= 0: `< inf` is isfinite, and cheaper)
         # best_abs holds no NaN from here on, so `res < best_abs` is False for a NaN residual.
         best_abs = start_abs = torch.nan_to_num(best_abs, nan=float("inf"))
     best_w = w0
@@ -268,7 +268,7 @@ def _iterate(solver: IterativeMethod[Any], fn: _Counted, w0: torch.Tensor, preco
             within_limit = res_abs <= limit
             if not eager or not bool(within_limit.all()):
                 ended = ~within_limit
-                code = torch.where(torch.isfinite(res_abs), int(Status.DIVERGED), int(Status.NONFINITE))
+                code = torch.where(res_abs < inf_t, int(Status.DIVERGED), int(Status.NONFINITE))
                 status = torch.where(ended & ~frozen, code, 0 if status is None else status)
                 frozen = frozen | ended
             frozen = frozen | within
@@ -286,12 +286,14 @@ def _iterate(solver: IterativeMethod[Any], fn: _Counted, w0: torch.Tensor, preco
         best_abs = torch.nan_to_num(best_abs, nan=float("inf"))
         best_res, w_norm = _returned_measure(scale(best_w), best_abs, rel, eps, divisor)
         # A relative measure is 0 at an infinite iterate: only a finite iterate can have converged.
-        converged = (best_res <= tol) & torch.isfinite(w_norm)
+        # (Norms are >= 0 or NaN, so `< inf` is `isfinite`, at a fraction of its cost.)
+        finite_w = w_norm < float("inf")
+        converged = (best_res <= tol) & finite_w
         if not bool(converged.all()):  # (else every status is CONVERGED already)
             # A relative residual within a few rounding errors cannot fall further in this dtype.
             at_floor = best_abs <= (_FLOOR_ULPS * torch.finfo(w0.dtype).eps) * (w_norm if divisor is None else divisor)
             no_progress = torch.zeros_like(converged) if best_halfway is None else best_abs >= best_halfway
-            status = _final_status(status, converged, at_floor | no_progress, torch.isfinite(w_norm))
+            status = _final_status(status, converged, at_floor | no_progress, finite_w)
     info = SolveInfo(nstep=nstep, residual=best_res, converged=converged, nfe=fn.count, trace=trace, status=status)
     apply_failure_policy(info, name=name, tol=tol, max_iter=solver.max_iter, on_failure=solver.on_failure, hints=hints)
     return best_w, info
