@@ -197,3 +197,20 @@ def test_bad_step_sizes_are_rejected_with_the_options(step, kind):
     v = il.Variable("v")
     with pytest.raises(ValueError, match=r"step_size must be positive and finite, or \"auto\", got"):
         kind(v, lambda v: (v**2).sum(1), (v,), step_size=step)
+
+
+@pytest.mark.parametrize("backward", [il.Unroll(), il.Phantom(k=40, damping=1.0)], ids=["unroll", "phantom"])
+def test_unrolled_backward_modes_use_the_per_sample_steps(backward):
+    # argmin c_b/2 ‖v − y‖² over a box is clamp(y); with α = 1/c_b per sample one step of the map is exact,
+    # so differentiating steps of it gives clamp's Jacobian (with one shared α the stiff samples would diverge).
+    c = CURVATURES[:, None]
+    y = (2 * torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(7))).requires_grad_()
+    layer = il.ImplicitLayer(
+        il.Problem([il.Minimize(v := il.Variable("v"), lambda v, y: 0.5 * (c * (v - y) ** 2).sum(1), (v, y_ := il.Input("y")),
+                                il.sets.Box(-0.5, 0.5))]),
+        [y_], v, solver=il.Anderson(tol=1e-10, max_iter=50), backward=backward, init={"v": torch.zeros(3, dtype=F64)},
+    )
+    out = layer(y)
+    torch.testing.assert_close(out, y.clamp(-0.5, 0.5), rtol=0, atol=1e-8)
+    (got,) = torch.autograd.grad(out.sum(), y)
+    torch.testing.assert_close(got, (y.abs() < 0.5).to(F64), rtol=0, atol=1e-6)
