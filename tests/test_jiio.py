@@ -83,6 +83,27 @@ def test_linear_quadratic_matches_the_closed_form_optimum():
     torch.testing.assert_close(z, lq.z_of(x_true), atol=1e-8, rtol=0)
 
 
+@pytest.mark.parametrize("constraint", [None, il.sets.L2Ball(0.2)], ids=["free", "l2"])
+def test_auto_step_takes_the_reduced_curvature_and_solves_the_same_problem(constraint):
+    # The total objective's curvature in x is GᵀG + ρI (G = C (I − A)⁻¹ B); "auto" estimates it through
+    # the equation, and the solution (a fixed point, whatever α) is the one of a fixed step.
+    lq = LinearQuadratic()
+    y = 3 * _y()
+    G, _, _ = lq.reduced()
+    top = float(torch.linalg.eigvalsh(G.T @ G + lq.rho * torch.eye(lq.k, dtype=torch.float64))[-1].detach())
+    auto = lq.jiio(step_size="auto", constraint=constraint)
+    layer = auto.layer(0)
+    system = layer.block_system(0, {"z": torch.zeros(4, lq.n), "x": torch.zeros(4, lq.k)})
+    steps = system.step_sizes(torch.zeros(4, system.dim, dtype=torch.float64), {"target": y})
+    # From below (power iteration; the equation's response still building up under dampings 0.8 / 0.6).
+    ratio = steps.curvature["x"] / top
+    assert bool((ratio > 0.9).all()) and bool((ratio < 1 + 1e-6).all()), ratio
+    x_auto, z_auto = auto(y)
+    x_fixed, z_fixed = lq.jiio(constraint=constraint)(y)
+    torch.testing.assert_close(x_auto, x_fixed, atol=1e-8, rtol=0)
+    torch.testing.assert_close(z_auto, z_fixed, atol=1e-8, rtol=0)
+
+
 def test_dual_is_the_deq_backward_variable():
     # At the optimum μ = (I − A)⁻ᵀ Cᵀ (Cz − y): the adjoint of the DEQ for the objective's gradient in z.
     lq = LinearQuadratic()

@@ -77,7 +77,10 @@ class JIIO(nn.Module):
         z_init: start of `z`: a callable `z_init(target, *context) -> (B, ...)` or a tensor (one
             sample's shape broadcasts over the batch).
         step_size: the gradient step `α` of the input update `x ← Π(x − α ∇)` (the reference code's
-            `ALPHA_0`). It depends on the scale of the objective; see the tutorial.
+            `ALPHA_0`). It depends on the scale of the objective; see the tutorial. `"auto"` takes
+            `α = 1 / λ` per sample, `λ` the curvature of the total objective estimated at the start of
+            each solve (21 evaluations): the right scale for any objective, but smaller than the step the
+            joint iteration tolerates (see the concepts page on the KKT system).
         damping: the damping `β_z` of the state update `z ← z + β_z (cell(z, x) − z)` (reference: 0.8).
         adjoint_damping: the damping `β_μ` of `μ ← μ + β_μ (J_zᵀ μ + ∂L/∂z − μ)` (reference: 0.6).
 
@@ -119,7 +122,7 @@ class JIIO(nn.Module):
         *,
         state_shape: Shape | None = None,
         z_init: torch.Tensor | Callable[..., torch.Tensor] | None = None,
-        step_size: float = 0.1,
+        step_size: float | str = 0.1,
         damping: float = 0.8,
         adjoint_damping: float = 0.6,
     ) -> None:
