@@ -25,6 +25,14 @@ Tables printed (CPU, `torch.set_num_threads(1)`, median wall time of `--repeats`
    one joint `il.JIIO` solve, against gradient descent on the context (the same step size as JIIO's
    input update) where each step is a full DEQ solve plus an implicit backward. Reported: time, the
    inner objective reached, and the time the nested loop needs to reach JIIO's objective.
+5. **Inner solve to tolerance vs step size, along meta-training** (`--only 5`): the example's iMAML
+   learner (5-way 5-shot, seed 0) is meta-trained for `--train-steps` meta-steps; at its start, half-way
+   and at the end, the inner problems of 16 held-out meta-training tasks are solved to `tol = 1e-4`
+   (at most 1000 iterations) with the step the example used before (0.1), the descent step
+   `1/(L + λ)` and the accelerated step `1/√(λ(L + λ))` of `step_size="auto"`, with `L` the largest
+   task curvature (30 power iterations). Reported: tasks that met tol, median and largest iterations,
+   and the time of one solve; and what `step_size="auto"` itself picks with its 3 warm-started
+   Hessian–vector products, and their time against one gradient of the meta-batch.
 """
 
 from __future__ import annotations
@@ -334,12 +342,69 @@ def bench_jiio(batch: fd.Tasks, repeats: int, max_outer: int = 300) -> None:
     )
 
 
+# ------------------------------------------------------------------------------ 5. inner solve vs step size
+def bench_step_size(train_steps: int, lam: float = 1.0) -> None:
+    torch.manual_seed(0)
+    sampler = fd.TaskSampler([0, 1, 2, 3, 4], 5, 5, 5, seed=0, rotations=True)
+    held_out = fd.TaskSampler([0, 1, 2, 3, 4], 5, 5, 5, seed=7, rotations=True)
+    learner = fd.IMAMLLearner(5, lam=lam)
+    opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    rows = []
+    checkpoints = sorted({0, train_steps // 2, train_steps})
+    for step in range(train_steps + 1):
+        if step in checkpoints:
+            warm, (sx, sy, _, _) = held_out.sample(16), held_out.sample(16)
+            rows += _step_size_rows(learner, step, warm, sx, sy, lam)
+        if step == train_steps:
+            break
+        bx, by, qx, qy = sampler.sample(16)
+        opt.zero_grad()
+        F.cross_entropy(learner(bx, by, qx).flatten(0, 1), qy.flatten()).backward()
+        opt.step()
+    table(
+        f"5. Inner solve of 16 tasks to tol 1e-4 vs step size, along meta-training (5-way 5-shot, λ = {lam}; L = largest curvature)",
+        ["meta-step", "L", "solver", "step rule", "α", "met tol", "median it", "max it", "ms"], rows,
+    )
+
+
+def _step_size_rows(learner: fd.IMAMLLearner, step: int, warm: fd.Tasks, sx: torch.Tensor, sy: torch.Tensor, lam: float) -> list[list[str]]:
+    model = learner.imaml.model
+    probe = il.IMAML(model, F.cross_entropy, lam, power_iters=30)
+    curvature = float(probe.curvature(sx, sy).max())
+    rules = {"0.1 (before)": 0.1, "1/(L + λ)": 1 / (curvature + lam), "1/√(λ(L + λ)) (auto)": (lam * (curvature + lam)) ** -0.5}
+    rows = []
+    for solver_name, solver in (("Anderson(10)", il.Anderson(memory=10, tol=1e-4, max_iter=1000, on_failure="ignore")),
+                                ("FixedPointIteration", il.FixedPointIteration(tol=1e-4, max_iter=1000, on_failure="ignore"))):
+        for rule, alpha in rules.items():
+            if solver_name == "FixedPointIteration" and rule != "1/(L + λ)":
+                continue  # plain gradient steps above 2/(L + λ) diverge
+            imaml = il.IMAML(model, F.cross_entropy, lam, solver=solver, step_size=alpha)
+            start = time.perf_counter()
+            with torch.no_grad():
+                imaml(sx, sy)
+            seconds = time.perf_counter() - start
+            info = imaml.last_info
+            rows.append([str(step), f"{curvature:.1f}", solver_name, rule, f"{alpha:.3g}", f"{int(info.converged.sum())}/{sx.shape[0]}",
+                         str(int(info.nstep.median())), str(int(info.nstep.max())), f"{1e3 * seconds:.0f}"])
+    # What step_size="auto" picks with its default 3 Hessian-vector products, warm-started on another batch.
+    auto = il.IMAML(model, F.cross_entropy, lam)
+    auto.curvature(warm[0], warm[1])
+    hvp = median_time(lambda: auto.curvature(sx, sy), 3)
+    theta = auto.flat_parameters().detach().expand(sx.shape[0], -1).clone().requires_grad_()
+    grad = median_time(lambda: torch.autograd.grad(torch.func.vmap(auto.task_loss)(theta, sx, sy).sum(), theta), 3)
+    estimate = float(auto.curvature(sx, sy).max())
+    rows.append([str(step), f"{estimate:.1f}", f"auto's estimate ({auto.power_iters} HVPs)", f"{1e3 * hvp:.1f} ms = {hvp / grad:.1f} gradients",
+                 f"{auto.auto_step_size(estimate):.3g}", "—", "—", "—", "—"])
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer K and CG values")
-    parser.add_argument("--only", nargs="+", type=int, choices=[1, 2, 3, 4], default=[1, 2, 3, 4])
+    parser.add_argument("--only", nargs="+", type=int, choices=[1, 2, 3, 4, 5], default=[1, 2, 3, 4, 5])
+    parser.add_argument("--train-steps", type=int, default=300, help="table 5: meta-training steps (--quick: 60)")
     args = parser.parse_args(argv)
     with pinned_threads(1):
         _run(args)
@@ -356,6 +421,8 @@ def _run(args: argparse.Namespace) -> None:
         bench_batching(batch, args.repeats)
     if 4 in args.only:
         bench_jiio(batch, args.repeats)
+    if 5 in args.only:
+        bench_step_size(60 if args.quick else args.train_steps)
 
 
 if __name__ == "__main__":

@@ -254,6 +254,25 @@ def test_curvature_estimate_is_warm_started_from_the_previous_call():
     assert float(((cold - exact).abs() / exact).max()) > 1e-3
 
 
+def test_a_task_anderson_leaves_short_of_tol_is_finished_by_descent_steps(monkeypatch):
+    from implicitlayers.models import imaml as module
+
+    x, y = stiff_tasks()
+    model = torch.nn.Linear(5, 1, bias=False).double()
+    # Descent steps on κ ≈ 120 need about 2000 iterations to 1e-8: give them room (by default 4 × max_iter).
+    monkeypatch.setattr(module._StepSized, "FALLBACK_FACTOR", 1000)
+    imaml = il.IMAML(model, half_mse, 1.0, solver=il.Anderson(memory=10, tol=1e-8, max_iter=3), power_iters=30)
+    params = imaml(x, y)  # no warning: plain gradient steps of 1/(L + λ) finish what 3 Anderson steps left
+    info = imaml.last_info
+    assert bool(info.converged.all()) and bool((info.nstep > 3).all()) and info.nfe > 3
+    assert float(stationarity(imaml, params, x, y).max()) <= 1e-8
+    # A budget the descent cannot meet either: the solver's own policy applies, to the end result only.
+    monkeypatch.setattr(module._StepSized, "FALLBACK_FACTOR", 4)
+    short = il.IMAML(model, half_mse, 1.0, solver=il.Anderson(memory=10, tol=1e-8, max_iter=3, on_failure="raise"))
+    with pytest.raises(il.ConvergenceError, match="plain gradient steps from its best iterate.*within max_iter=15"):
+        short(x, y)
+
+
 def test_zero_curvature_gives_the_proximal_step():
     # L_train linear in φ: H = 0, so α = 1/λ and one gradient step lands on φ* = θ − ∇L_train/λ.
     model = torch.nn.Linear(3, 1, bias=False).double()

@@ -44,7 +44,7 @@ from torch.func import functional_call, vmap
 from ..backward import IFT, Phantom, Unroll
 from ..layer import ImplicitLayer, Solution
 from ..problem import Input, Minimize, Problem, Variable
-from ..solvers import Anderson, Broyden, SolveInfo
+from ..solvers import Anderson, Broyden, FixedPointIteration, SolveInfo, SolverConfig, apply_failure_policy
 
 __all__ = ["IMAML", "default_backward"]
 
@@ -81,8 +81,11 @@ class IMAML(nn.Module):
         lam: the proximal strength λ > 0 (the paper uses λ = 2). Larger λ keeps `φ*` closer to `θ`.
         solver: forward solver of the inner problem (default
             `il.Anderson(memory=10, tol=1e-5, max_iter=500)` on the gradient-step map `φ ← φ − α R(φ)`):
-            a tolerance-driven budget, each task stops when it meets `tol`, and a task that does not
-            within `max_iter` warns (`il.ConvergenceWarning`) under the default `on_failure="warn"`.
+            a tolerance-driven budget, each task stops when it meets `tol` (the norm of its gradient
+            `R`). With `step_size="auto"`, a task that Anderson or Broyden leaves short of `tol` (they
+            can stall where `L_train` is not convex) is solved on from its best iterate by plain
+            gradient steps of the descent size `1/(L + λ)`, for up to `4 × max_iter` more steps; one
+            that still misses it warns (`il.ConvergenceWarning`) under the default `on_failure="warn"`.
             `il.Broyden` works on `R` directly (α scales its initial inverse Jacobian).
         backward: `il.IFT(solver=il.linear.CG(...))` by default (`default_backward()`); `il.Phantom`
             and `il.Unroll` also apply. A task whose CG solve does not meet its tolerance gets a zero
@@ -278,6 +281,7 @@ class IMAML(nn.Module):
                 )
             self.last_curvature = curvature
             self.last_step_size = self.layer.solver.step = self.auto_step_size(largest)
+            self.layer.solver.descent = 1.0 / (largest + self.lam)
         theta = self.flat_parameters().to(support_x.dtype)
         batch_theta = theta.expand(support_x.shape[0], theta.shape[0])
         try:
@@ -363,20 +367,52 @@ def _check_step_size(step_size: object) -> bool:
     raise ValueError(f"IMAML: step_size must be 'auto' or a positive finite number (the gradient step α), got {step_size!r}.")
 
 
+_FALLBACK_HINTS = {
+    "max_iter": "raise the solver's max_iter (the plain gradient steps get 4× as many) or loosen its tol",
+    "stalled": "loosen the solver's tol (it may lie below what this dtype resolves) or raise lam (a more convex inner problem)",
+    "diverged": "the curvature grew far beyond its estimate at θ: raise IMAML(power_iters=...) or pass a float step_size",
+    "nonfinite": "the inner loss returned NaN/inf: check inner_loss, the model and the support data",
+}
+
+
 class _StepSized:
     """The inner solver with the step of `step_size="auto"`, set by `IMAML.forward` before each solve.
 
     It passes the layer's solver a preconditioner `P = α·1` (the diagonal of the map `w − P ⊙ R(w)`, see
-    `il.Solver`) in place of the problem's fixed step; everything else is the wrapped solver's.
+    `il.Solver`) in place of the problem's fixed step. Tasks the solver leaves short of its tolerance
+    (Anderson and Broyden can stall where `L_train` is not convex) are solved on from their best iterate
+    by plain gradient steps of the descent size `1/(L + λ)` (`descent`), for up to
+    `FALLBACK_FACTOR × max_iter` steps; the solve's `SolveInfo` counts both, and the wrapped solver's
+    failure policy applies to the end result only.
     """
+
+    FALLBACK_FACTOR = 4
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.step = 1.0
+        self.descent: float | None = None
 
-    def solve(self, residual_fn: Any, w0: torch.Tensor, *, precond: torch.Tensor | None = None, **options: Any) -> Any:
+    def solve(self, residual_fn: Any, w0: torch.Tensor, *, precond: torch.Tensor | None = None, name: str = "solve",
+              hints: Any = None, **options: Any) -> tuple[torch.Tensor, SolveInfo]:
+        descent_step = self.descent
+        fallback = descent_step is not None and isinstance(self.inner, SolverConfig) and not isinstance(self.inner, FixedPointIteration)
+        first = self.inner.replace(on_failure="ignore") if fallback else self.inner
         step = torch.full((w0.shape[1],), self.step, dtype=w0.dtype, device=w0.device)
-        return self.inner.solve(residual_fn, w0, precond=step, **options)
+        w, info = first.solve(residual_fn, w0, precond=step, name=name, hints=hints, **options)
+        if descent_step is None or not fallback or bool(info.converged.all()):
+            return w, info
+        descent = FixedPointIteration(tol=self.inner.tol, max_iter=self.FALLBACK_FACTOR * self.inner.max_iter, stop=self.inner.stop,
+                                      on_failure="ignore")
+        # Converged tasks freeze at once (their residual is within tol at the start).
+        step = torch.full((w0.shape[1],), descent_step, dtype=w0.dtype, device=w0.device)
+        w, more = descent.solve(residual_fn, w, precond=step, name=name, hints=hints, **options)
+        info = SolveInfo(nstep=info.nstep + more.nstep, residual=more.residual, converged=more.converged, nfe=info.nfe + more.nfe,
+                         status=more.status)
+        apply_failure_policy(info, name=f"{name} (then plain gradient steps from its best iterate)", tol=self.inner.tol,
+                             max_iter=(1 + self.FALLBACK_FACTOR) * self.inner.max_iter, on_failure=self.inner.on_failure,
+                             hints=_FALLBACK_HINTS)
+        return w, info
 
     def __getattr__(self, name: str) -> Any:
         # tol, max_iter, on_failure, ...: what failure messages read off the solver.
