@@ -120,7 +120,7 @@ class IMAMLLearner(torch.nn.Module):
         """The last call's inner solve (and, after `.backward()`, its CG solve): tasks that met tol, iterations."""
         info = self.imaml.last_info
         counts = {"tasks": int(info.converged.numel()), "met_tol": int(info.converged.sum()), "iters": int(info.nstep.max()),
-                  "step_size": self.imaml.last_step_size}
+                  "step_size": self.imaml.last_step_size, "by_descent": self.imaml.last_finished_by_descent}
         if backward:
             cg = next(iter(self.imaml.layer.backward_info.values()))
             counts.update(cg_met_tol=int(cg.converged.sum()) if cg is not None else 0, cg_iters=int(cg.nstep.max()) if cg is not None else 0)
@@ -255,6 +255,7 @@ class SolveLog:
             f"{prefix}failed": self.failed(),
             f"{prefix}iters_mean": float(np.mean([r["iters"] for r in self.rows])),
             f"{prefix}iters_max": int(max(r["iters"] for r in self.rows)),
+            f"{prefix}finished_by_descent": int(sum(r["by_descent"] for r in self.rows)),
             f"{prefix}step_size_first_last": [self.rows[0]["step_size"], self.rows[-1]["step_size"]],
         }
         if "cg_met_tol" in self.rows[0]:
@@ -362,7 +363,8 @@ def run(args: argparse.Namespace) -> dict:
                     f"{'':>27}inner solves that met tol: meta-training {m['train_inner_solves'] - m['train_inner_failed']}/"
                     f"{m['train_inner_solves']} (all tasks in {sum(r['met_tol'] == r['tasks'] for r in train_log.rows)}/{len(train_log.rows)} "
                     f"meta-steps; iterations mean of max {m['train_inner_iters_mean']:.0f}, max {m['train_inner_iters_max']}), "
-                    f"meta-test {m['test_inner_solves'] - m['test_inner_failed']}/{m['test_inner_solves']}; "
+                    f"meta-test {m['test_inner_solves'] - m['test_inner_failed']}/{m['test_inner_solves']}; finished by descent steps "
+                    f"after Anderson stalled: {m['train_inner_finished_by_descent']} + {m['test_inner_finished_by_descent']}; "
                     f"CG met tol {m['train_inner_solves'] - m['train_inner_cg_failed']}/{m['train_inner_solves']}"
                 )
                 if m["train_inner_failed"] or m["test_inner_failed"] or m["train_inner_cg_failed"]:

@@ -221,7 +221,7 @@ def test_auto_step_size_solves_an_ill_conditioned_inner_problem_to_tol_where_a_f
     for solver in (il.FixedPointIteration(tol=1e-8, max_iter=5000), il.Anderson(memory=10, tol=1e-8, max_iter=500)):
         imaml = il.IMAML(model, half_mse, 1.0, solver=solver, power_iters=30)
         params = imaml(x, y)
-        assert bool(imaml.last_info.converged.all())
+        assert bool(imaml.last_info.converged.all()) and imaml.last_finished_by_descent == 0
         assert float(stationarity(imaml, params, x, y).max()) <= 1e-8
         expected, _ = closed_form(x, y, model.weight.detach().reshape(-1), 1.0)
         torch.testing.assert_close(params["weight"].reshape(3, 5), expected, atol=1e-6, rtol=1e-6)
@@ -265,6 +265,7 @@ def test_a_task_anderson_leaves_short_of_tol_is_finished_by_descent_steps(monkey
     params = imaml(x, y)  # no warning: plain gradient steps of 1/(L + λ) finish what 3 Anderson steps left
     info = imaml.last_info
     assert bool(info.converged.all()) and bool((info.nstep > 3).all()) and info.nfe > 3
+    assert imaml.last_finished_by_descent == 3
     assert float(stationarity(imaml, params, x, y).max()) <= 1e-8
     # A budget the descent cannot meet either: the solver's own policy applies, to the end result only.
     monkeypatch.setattr(module._StepSized, "FALLBACK_FACTOR", 4)

@@ -112,6 +112,8 @@ class IMAML(nn.Module):
         last_step_size: the α used by the last call.
         last_curvature: `(T,)` the curvature estimates `‖H_t‖₂` at θ of the last call (`None` for a
             float `step_size`).
+        last_finished_by_descent: how many tasks of the last call the solver left short of `tol`, so
+            that plain gradient steps finished them (`step_size="auto"`; `last_info` has the end result).
 
     Example:
         ```python
@@ -348,6 +350,12 @@ class IMAML(nn.Module):
         return self.layer.last_solution
 
     @property
+    def last_finished_by_descent(self) -> int:
+        """Tasks of the last call that the solver left short of `tol`, finished by plain gradient steps (0 without "auto")."""
+        solver = self.layer.solver
+        return solver.finished_by_descent if isinstance(solver, _StepSized) else 0
+
+    @property
     def last_info(self) -> SolveInfo | None:
         """The forward `SolveInfo` of the last inner solve (per task `nstep`, `residual`, `converged`)."""
         sol = self.layer.last_solution
@@ -392,6 +400,7 @@ class _StepSized:
         self.inner = inner
         self.step = 1.0
         self.descent: float | None = None
+        self.finished_by_descent = 0  # tasks of the last solve that needed the descent steps
 
     def solve(self, residual_fn: Any, w0: torch.Tensor, *, precond: torch.Tensor | None = None, name: str = "solve",
               hints: Any = None, **options: Any) -> tuple[torch.Tensor, SolveInfo]:
@@ -400,8 +409,10 @@ class _StepSized:
         first = self.inner.replace(on_failure="ignore") if fallback else self.inner
         step = torch.full((w0.shape[1],), self.step, dtype=w0.dtype, device=w0.device)
         w, info = first.solve(residual_fn, w0, precond=step, name=name, hints=hints, **options)
+        self.finished_by_descent = 0
         if descent_step is None or not fallback or bool(info.converged.all()):
             return w, info
+        self.finished_by_descent = int((~info.converged).sum())
         descent = FixedPointIteration(tol=self.inner.tol, max_iter=self.FALLBACK_FACTOR * self.inner.max_iter, stop=self.inner.stop,
                                       on_failure="ignore")
         # Converged tasks freeze at once (their residual is within tol at the start).
