@@ -260,7 +260,7 @@ def test_a_task_anderson_leaves_short_of_tol_is_finished_by_descent_steps(monkey
     x, y = stiff_tasks()
     model = torch.nn.Linear(5, 1, bias=False).double()
     # Descent steps on κ ≈ 120 need about 2000 iterations to 1e-8: give them room (by default 4 × max_iter).
-    monkeypatch.setattr(module._StepSized, "FALLBACK_FACTOR", 1000)
+    monkeypatch.setattr(module._AutoStep, "FALLBACK_FACTOR", 1000)
     imaml = il.IMAML(model, half_mse, 1.0, solver=il.Anderson(memory=10, tol=1e-8, max_iter=3), power_iters=30)
     params = imaml(x, y)  # no warning: plain gradient steps of 1/(L + λ) finish what 3 Anderson steps left
     info = imaml.last_info
@@ -268,10 +268,25 @@ def test_a_task_anderson_leaves_short_of_tol_is_finished_by_descent_steps(monkey
     assert imaml.last_finished_by_descent == 3
     assert float(stationarity(imaml, params, x, y).max()) <= 1e-8
     # A budget the descent cannot meet either: the solver's own policy applies, to the end result only.
-    monkeypatch.setattr(module._StepSized, "FALLBACK_FACTOR", 4)
+    monkeypatch.setattr(module._AutoStep, "FALLBACK_FACTOR", 4)
     short = il.IMAML(model, half_mse, 1.0, solver=il.Anderson(memory=10, tol=1e-8, max_iter=3, on_failure="raise"))
     with pytest.raises(il.ConvergenceError, match="plain gradient steps from its best iterate.*within max_iter=15"):
         short(x, y)
+
+
+def test_the_testing_toolkit_tightens_the_auto_stepped_solver():
+    # check_gradients replaces the layer's solver by a tighter copy (solver.replace): the step must survive.
+    torch.manual_seed(9)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    imaml = il.IMAML(model, F.cross_entropy, 1.0)
+    x, y = torch.rand(2, 4, 3) * 3, torch.randint(0, 2, (2, 4))
+    errors = il.testing.check_gradients(imaml, x, y)
+    assert errors["finite_differences"] < 1e-3
+    imaml.solver = il.Broyden(tol=1e-6, max_iter=200)  # a new solver keeps the auto step
+    imaml(x, y)
+    assert isinstance(imaml.solver, il.Broyden) and imaml.last_step_size == pytest.approx(imaml.auto_step_size(float(imaml.last_curvature.max())))
+    with pytest.raises(TypeError, match="IMAML: solver must be an implicitlayers solver"):
+        imaml.solver = "anderson"
 
 
 def test_zero_curvature_gives_the_proximal_step():

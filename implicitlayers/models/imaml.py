@@ -34,8 +34,9 @@ spectrum of `αA` around 1 on a log scale (measured: about 2.5× fewer Anderson 
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -44,7 +45,7 @@ from torch.func import functional_call, vmap
 from ..backward import IFT, Phantom, Unroll
 from ..layer import ImplicitLayer, Solution
 from ..problem import Input, Minimize, Problem, Variable
-from ..solvers import Anderson, Broyden, FixedPointIteration, SolveInfo, SolverConfig, apply_failure_policy
+from ..solvers import Anderson, Broyden, FixedPointIteration, SolveInfo, Solver, SolverConfig, apply_failure_policy
 
 __all__ = ["IMAML", "default_backward"]
 
@@ -178,7 +179,7 @@ class IMAML(nn.Module):
             problem,
             inputs=[theta, sx, sy],
             outputs=[phi],
-            solver=_StepSized(inner) if auto else inner,
+            solver=_AutoStep.around(inner) if auto else inner,
             backward=backward if backward is not None else default_backward(),
             init={"phi": _start_at_theta},
         )
@@ -192,7 +193,14 @@ class IMAML(nn.Module):
     def solver(self) -> Any:
         """The forward solver of the inner problem (without the per-call step of `step_size="auto"`)."""
         solver = self.layer.solver
-        return solver.inner if isinstance(solver, _StepSized) else solver
+        return solver.inner if isinstance(solver, _AutoStep) else solver
+
+    @solver.setter
+    def solver(self, solver: Any) -> None:
+        if not isinstance(solver, Solver):
+            raise TypeError(f"IMAML: solver must be an implicitlayers solver (e.g. il.Anderson()), got {solver!r}.")
+        current = self.layer.solver
+        self.layer.solver = current.replace(inner=solver) if isinstance(current, _AutoStep) else solver
 
     # ------------------------------------------------------------------------------ the problem
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -270,7 +278,8 @@ class IMAML(nn.Module):
             the model's parameters (and the support data) by the backward mode.
         """
         self._check_support(support_x, support_y)
-        if isinstance(self.layer.solver, _StepSized):
+        solver = self.layer.solver
+        if isinstance(solver, _AutoStep):
             try:
                 curvature = self.curvature(support_x, support_y)
             except RuntimeError as error:
@@ -282,8 +291,8 @@ class IMAML(nn.Module):
                     "support data, or pass a float step_size."
                 )
             self.last_curvature = curvature
-            self.last_step_size = self.layer.solver.step = self.auto_step_size(largest)
-            self.layer.solver.descent = 1.0 / (largest + self.lam)
+            self.last_step_size = self.auto_step_size(largest)
+            self.layer.solver = solver.replace(step=self.last_step_size, descent=1.0 / (largest + self.lam))
         theta = self.flat_parameters().to(support_x.dtype)
         batch_theta = theta.expand(support_x.shape[0], theta.shape[0])
         try:
@@ -353,7 +362,7 @@ class IMAML(nn.Module):
     def last_finished_by_descent(self) -> int:
         """Tasks of the last call that the solver left short of `tol`, finished by plain gradient steps (0 without "auto")."""
         solver = self.layer.solver
-        return solver.finished_by_descent if isinstance(solver, _StepSized) else 0
+        return solver.record.get("finished_by_descent", 0) if isinstance(solver, _AutoStep) else 0
 
     @property
     def last_info(self) -> SolveInfo | None:
@@ -383,24 +392,42 @@ _FALLBACK_HINTS = {
 }
 
 
-class _StepSized:
-    """The inner solver with the step of `step_size="auto"`, set by `IMAML.forward` before each solve.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _AutoStep(SolverConfig):
+    """The inner solver with the step of `step_size="auto"`; `IMAML.forward` puts a copy with the call's step
+    in the layer before each solve.
 
-    It passes the layer's solver a preconditioner `P = α·1` (the diagonal of the map `w − P ⊙ R(w)`, see
+    It passes the wrapped solver a preconditioner `P = α·1` (the diagonal of the map `w − P ⊙ R(w)`, see
     `il.Solver`) in place of the problem's fixed step. Tasks the solver leaves short of its tolerance
     (Anderson and Broyden can stall where `L_train` is not convex) are solved on from their best iterate
     by plain gradient steps of the descent size `1/(L + λ)` (`descent`), for up to
     `FALLBACK_FACTOR × max_iter` steps; the solve's `SolveInfo` counts both, and the wrapped solver's
     failure policy applies to the end result only.
+
+    A `SolverConfig` itself, whose shared options are the wrapped solver's: `replace(tol=..., ...)` (as
+    `il.testing.check_gradients` does to tighten a layer's solver) changes the wrapped solver and keeps the step.
     """
 
-    FALLBACK_FACTOR = 4
+    FALLBACK_FACTOR: ClassVar[int] = 4
 
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.step = 1.0
-        self.descent: float | None = None
-        self.finished_by_descent = 0  # tasks of the last solve that needed the descent steps
+    inner: Any = None
+    step: float = 1.0
+    descent: float | None = None
+    # How many tasks of the last solve the descent steps finished (shared by the copies `replace` makes).
+    record: dict[str, int] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def around(cls, inner: Any, step: float = 1.0, descent: float | None = None, record: dict[str, int] | None = None) -> "_AutoStep":
+        shared = {f.name: getattr(inner, f.name) for f in dataclasses.fields(SolverConfig)} if isinstance(inner, SolverConfig) else {}
+        return cls(inner=inner, step=step, descent=descent, record={} if record is None else record, **shared)
+
+    def replace(self, **changes: Any) -> "_AutoStep":
+        """A copy with `inner`, `step` or `descent` changed; any other option is the wrapped solver's."""
+        inner = changes.pop("inner", self.inner)
+        step, descent = changes.pop("step", self.step), changes.pop("descent", self.descent)
+        if changes:
+            inner = inner.replace(**changes)
+        return _AutoStep.around(inner, step, descent, self.record)
 
     def solve(self, residual_fn: Any, w0: torch.Tensor, *, precond: torch.Tensor | None = None, name: str = "solve",
               hints: Any = None, **options: Any) -> tuple[torch.Tensor, SolveInfo]:
@@ -409,10 +436,10 @@ class _StepSized:
         first = self.inner.replace(on_failure="ignore") if fallback else self.inner
         step = torch.full((w0.shape[1],), self.step, dtype=w0.dtype, device=w0.device)
         w, info = first.solve(residual_fn, w0, precond=step, name=name, hints=hints, **options)
-        self.finished_by_descent = 0
+        self.record["finished_by_descent"] = 0
         if descent_step is None or not fallback or bool(info.converged.all()):
             return w, info
-        self.finished_by_descent = int((~info.converged).sum())
+        self.record["finished_by_descent"] = int((~info.converged).sum())
         descent = FixedPointIteration(tol=self.inner.tol, max_iter=self.FALLBACK_FACTOR * self.inner.max_iter, stop=self.inner.stop,
                                       on_failure="ignore")
         # Converged tasks freeze at once (their residual is within tol at the start).
@@ -424,12 +451,6 @@ class _StepSized:
                              max_iter=(1 + self.FALLBACK_FACTOR) * self.inner.max_iter, on_failure=self.inner.on_failure,
                              hints=_FALLBACK_HINTS)
         return w, info
-
-    def __getattr__(self, name: str) -> Any:
-        # tol, max_iter, on_failure, ...: what failure messages read off the solver.
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
     def __repr__(self) -> str:
         return f"{self.inner!r} (step_size='auto', last {self.step:.3g})"
