@@ -409,3 +409,17 @@ def test_fewshot_example_runs_in_fast_mode(tmp_path: pathlib.Path):
         imaml = setting["iMAML"]
         assert imaml["train_inner_met_tol_per_step"] == [4, 4, 4]
         assert imaml["train_inner_failed"] == imaml["train_inner_cg_failed"] == imaml["test_inner_failed"] == 0
+
+
+def test_fewshot_example_fails_loudly_when_an_inner_solve_misses_tol(tmp_path: pathlib.Path):
+    root = pathlib.Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "examples"))
+    try:
+        import fewshot_digits
+    finally:
+        sys.path.pop(0)
+    args = ["--fast", "--learners", "iMAML", "--inner-max-iter", "1", "--out", str(tmp_path)]
+    with pytest.raises(RuntimeError, match="missed their tolerance.*--inner-max-iter"):
+        fewshot_digits.main(args)
+    imaml = fewshot_digits.main([*args, "--allow-unconverged"])["5-way 1-shot"]["iMAML"]
+    assert imaml["train_inner_failed"] > 0 and sum(imaml["train_inner_met_tol_per_step"]) == 12 - imaml["train_inner_failed"]
