@@ -252,6 +252,9 @@ def test_curvature_estimate_is_warm_started_from_the_previous_call():
     warm = imaml.curvature(x, y, iters=1)
     torch.testing.assert_close(warm, exact, rtol=1e-9, atol=0)
     assert float(((cold - exact).abs() / exact).max()) > 1e-3
+    # Another number of tasks reuses the vectors cyclically: the three tasks twice over, as tasks 0-2 and 3-5.
+    again = imaml.curvature(torch.cat([x, x]), torch.cat([y, y]), iters=1)
+    torch.testing.assert_close(again, exact.repeat(2), rtol=1e-9, atol=0)
 
 
 def test_a_task_anderson_leaves_short_of_tol_is_finished_by_descent_steps(monkeypatch):

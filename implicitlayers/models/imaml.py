@@ -233,9 +233,10 @@ class IMAML(nn.Module):
         """Per task, an estimate of `‖H_t‖₂`, the largest curvature of `L_train,t` at θ: `(T,)`.
 
         Power iteration on `v ↦ H_t v` (Hessian–vector products by double backward, all tasks batched),
-        `iters` products (default `power_iters`), started from the previous call's vectors when the
-        meta-batch has the same shape (θ moves little between meta-steps, and the leading curvature
-        directions of these tasks are alike), else from a fixed random draw. It approaches `‖H_t‖₂`
+        `iters` products (default `power_iters`), started from the previous call's vectors (θ moves
+        little between meta-steps, and the leading curvature directions of tasks are alike, so any
+        previous task's vector serves, also for another number of tasks), on the first call from a
+        fixed random draw. It approaches `‖H_t‖₂`
         from below. Not differentiable (the data and θ are detached).
         """
         iters = self.power_iters if iters is None else iters
@@ -243,9 +244,11 @@ class IMAML(nn.Module):
         theta = self.flat_parameters().detach().to(sx.dtype)
         phi = theta.expand(sx.shape[0], theta.shape[0]).clone().requires_grad_()
         v = self._power_vectors
-        if v is None or v.shape != phi.shape or v.dtype != phi.dtype or v.device != phi.device:
+        if v is None or v.shape[1:] != phi.shape[1:] or v.dtype != phi.dtype or v.device != phi.device:
             gen = torch.Generator(device=phi.device).manual_seed(0)  # reproducible, and the global RNG is untouched
             v = torch.randn(phi.shape, generator=gen, dtype=phi.dtype, device=phi.device)
+        elif v.shape[0] != phi.shape[0]:  # another number of tasks: reuse the vectors cyclically (any task's will do)
+            v = v[torch.arange(phi.shape[0], device=v.device) % v.shape[0]]
         v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
         norm = phi.new_zeros(phi.shape[0])
         with torch.enable_grad():
