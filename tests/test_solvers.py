@@ -401,3 +401,25 @@ def test_anderson_memory_is_one_name_with_broyden_and_m_is_its_alias():
         il.Anderson(m=0)
     with pytest.raises(TypeError, match="unexpected keyword"):
         il.Anderson(history=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_anderson_with_a_long_history_solves_its_weights_by_cholesky_like_lu(dtype, monkeypatch):
+    """From 8 slots the ridge-regularised weights system is solved by Cholesky: same iterates as LU (to
+    rounding), and the linear fixed point is reached."""
+    from implicitlayers.solvers import anderson
+
+    gen = torch.Generator().manual_seed(7)
+    A = torch.randn(12, 12, generator=gen, dtype=torch.float64)
+    A = (0.95 * A / torch.linalg.matrix_norm(A, 2)).to(dtype)
+    b = torch.randn(5, 12, generator=gen, dtype=torch.float64).to(dtype)
+    solver = il.Anderson(memory=12, tol=1e-10 if dtype == torch.float64 else 1e-5, max_iter=200)
+    cholesky = il.fixed_point(lambda z: z @ A.T + b, torch.zeros_like(b), solver=solver)
+    monkeypatch.setattr(anderson, "_CHOLESKY_FROM", 10**6)
+    lu = il.fixed_point(lambda z: z @ A.T + b, torch.zeros_like(b), solver=solver)
+    assert cholesky.info.all_converged and lu.info.all_converged
+    exact = torch.linalg.solve(torch.eye(12, dtype=torch.float64) - A.double(), b.double().T).T
+    tol = 1e-8 if dtype == torch.float64 else 1e-3
+    torch.testing.assert_close(cholesky.value.double(), exact, rtol=tol, atol=tol)
+    torch.testing.assert_close(cholesky.value, lu.value, rtol=tol, atol=tol)
+    assert abs(int(cholesky.info.nfe) - int(lu.info.nfe)) <= 2

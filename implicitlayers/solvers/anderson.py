@@ -16,6 +16,9 @@ from ._precision import bmm, work_dtype
 
 __all__ = ["Anderson"]
 
+# History sizes from which the weights' ridge-regularised system is solved by Cholesky rather than LU.
+_CHOLESKY_FROM = 8
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Anderson(IterativeSolver):
@@ -105,7 +108,14 @@ class Anderson(IterativeSolver):
         if self.lam == 0:
             return self._weights(hist.H_first[n].clone(), hist.ones[n], (s.count - 1) % self.memory, in_place=True)
         largest = hist.diag_first[n].amax(2, keepdim=True)  # (B, 1, 1)
-        y, _ = torch.linalg.solve_ex(torch.addcmul(hist.H_first[n], largest, s.eye_lam[n]), hist.ones[n])
+        system = torch.addcmul(hist.H_first[n], largest, s.eye_lam[n])
+        if n >= _CHOLESKY_FROM:
+            # With a ridge the system is symmetric positive-definite (a sample whose history is all zero has
+            # converged and is frozen; its weights are never used), and from about 8 slots a Cholesky solve is
+            # cheaper than LU: 0.25 against 0.46 ms for 128 samples of 20 slots.
+            y = torch.cholesky_solve(hist.ones[n], torch.linalg.cholesky_ex(system)[0])
+        else:
+            y, _ = torch.linalg.solve_ex(system, hist.ones[n])
         return (y / y.sum(1, keepdim=True)).mT
 
     def step(self, fn, s, frozen):
