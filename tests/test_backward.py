@@ -374,3 +374,26 @@ def test_default_ift_reports_a_singular_small_block_and_zeroes_its_gradient():
         (grad,) = torch.autograd.grad(z.sum(), x)
     assert torch.equal(grad[0], torch.zeros(2, dtype=torch.float64))
     torch.testing.assert_close(grad[1], torch.tensor([-1.0, 0.5], dtype=torch.float64), rtol=1e-10, atol=1e-12)
+
+
+class _ScaleWithHostBackward(torch.autograd.Function):
+    """`0.5 z`, whose backward reads the incoming gradient on the host (`.item()`): vmap cannot batch it."""
+
+    @staticmethod
+    def forward(ctx, z):
+        return 0.5 * z
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * (0.5 + 0.0 * g.sum().item())
+
+
+def test_default_ift_falls_back_to_an_iterative_solve_when_the_vjp_cannot_be_batched():
+    x_, z_ = il.Input("x"), il.Variable("z")
+    problem = il.Problem([il.FixedPoint(z_, lambda z, x: _ScaleWithHostBackward.apply(z) + x, (z_, x_))])
+    layer = il.ImplicitLayer(problem, x_, z_, solver=TIGHT, backward=il.IFT(), init={"z": torch.zeros(3)})
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x).sum(), x)
+    torch.testing.assert_close(grad, torch.full_like(x, 2.0), rtol=1e-9, atol=1e-10)  # z* = 2x
+    (info,) = layer.backward_info.values()
+    assert info is not None and bool((info.nstep > 1).all())  # iterative, not the one-step dense solve
