@@ -396,13 +396,19 @@ def test_functional_checks_task_counts():
 
 
 # ------------------------------------------------------------------------------ the example
-def test_fewshot_example_runs_in_fast_mode(tmp_path: pathlib.Path):
+def _fewshot_example():
+    """`examples/fewshot_digits.py` as a module."""
     root = pathlib.Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root / "examples"))
     try:
         import fewshot_digits
     finally:
         sys.path.pop(0)
+    return fewshot_digits
+
+
+def test_fewshot_example_runs_in_fast_mode(tmp_path: pathlib.Path):
+    fewshot_digits = _fewshot_example()
     metrics = fewshot_digits.main(["--fast", "--out", str(tmp_path)])
     assert (tmp_path / "fewshot_digits.png").exists()
     for setting in metrics.values():
@@ -415,12 +421,7 @@ def test_fewshot_example_runs_in_fast_mode(tmp_path: pathlib.Path):
 
 
 def test_fewshot_example_fails_loudly_when_an_inner_solve_misses_tol(tmp_path: pathlib.Path):
-    root = pathlib.Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "examples"))
-    try:
-        import fewshot_digits
-    finally:
-        sys.path.pop(0)
+    fewshot_digits = _fewshot_example()
     args = ["--fast", "--learners", "iMAML", "--inner-max-iter", "1", "--out", str(tmp_path)]
     with pytest.raises(RuntimeError, match="missed their tolerance.*--inner-max-iter"):
         fewshot_digits.main(args)
