@@ -9,7 +9,7 @@ Two inner problems, each on one trained model and one batch of targets (scikit-l
 - **adversarial**: the DEQ classifier of `examples/jiio_adversarial.py` (trained here on clean data);
   `max_{‖δ‖₂ ≤ 1} CE(head(z), y)`, `z = tanh(W z + U (u + δ) + b)`.
 
-**JIIO** is one `il.JIIO` solve of the augmented fixed point `[z, x, μ]` (Anderson, m = 5 or 20) with an
+**JIIO** is one `il.JIIO` solve of the augmented fixed point `[z, x, μ]` (Anderson, m = 5, 10 or 20) with an
 iteration budget `T`; one evaluation costs one `f` call plus one VJP. **Naive** is Adam on `x`
 (projected onto the ball for the adversarial problem), where every step solves the DEQ forward
 (`il.fixed_point`, Anderson, tol 1e-4) and then the adjoint `μ = J_zᵀ μ + ∂L/∂z` (Anderson, tol 1e-4)
@@ -22,7 +22,7 @@ baseline for constrained maximisation).
 Protocol, measured in one run: JIIO is run at budgets T ∈ {1, 2, …, 40, 45, 50, …, 200} (the naive
 loop is read after every step) for each setting of a small grid: the input step size α (latents
 {0.1, 0.2}, attack {1, 2, 4, 8}) × the (state, adjoint) dampings, the reference code's (0.8, 0.6)
-and none, (1, 1) × Anderson's memory (latents 5 or 20, the reference code uses 10 – 40; attack 5),
+and none, (1, 1) × Anderson's memory (latents 5, 10 or 20, the reference code uses 10 – 40; attack 5),
 and α = `"auto"` (per sample 1 / the reduced curvature, estimated in 21 evaluations that the count
 includes); the naive loop runs `--steps` steps at each learning rate of a small grid (its inner
 solves, Anderson m = 5, take about 7 iterations each on average, too few for a longer history to
@@ -57,8 +57,9 @@ from examples.jiio_digits import DecoderConfig, load_digits_split, squared_error
 SOLVE = il.Anderson(memory=5, tol=1e-4, max_iter=50, on_failure="ignore")
 # JIIO's (state, adjoint) dampings tried: the reference code's (0.8, 0.6), which is the layer's default, and none.
 JIIO_DAMPINGS = [(0.8, 0.6), (1.0, 1.0)]
-# Anderson's history on JIIO's augmented block: the layer's default 5, and 20 (the reference code uses 10 - 40).
-JIIO_MEMORIES = (5, 20)
+# Anderson's history on JIIO's augmented block: the layer's default 5, 10 and 20 (the reference code uses 10 - 40).
+# From 8 slots Anderson solves its weights by Cholesky, which made a longer history pay on the latent problem.
+JIIO_MEMORIES = (5, 10, 20)
 
 
 def jiio_grid(alphas, memories=JIIO_MEMORIES):
