@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
@@ -106,7 +105,7 @@ class _ImplicitCorrection(torch.autograd.Function):
         adjoint = ctx.adjoint
         if not adjoint.second_order and "jvp" in active_transforms():
             # Forward mode over this backward (torch.func.hessian, jvp of grad): a second derivative.
-            _FirstOrderOnly.backward(SimpleNamespace(name=adjoint.name))
+            _refuse_second_order(adjoint.name)
         with torch.no_grad():
             lam = adjoint.solve(grad)
         if not torch.is_grad_enabled():
@@ -149,14 +148,11 @@ class _FirstOrderOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *_):
-        raise NotImplementedError(
-            f"{ctx.name}: second derivatives through the IFT (torch.func.hessian, grad of grad) need "
-            "backward=il.IFT(second_order=True)."
-        )
+        _refuse_second_order(ctx.name)
 
     @staticmethod
     def jvp(ctx, *_):
-        _FirstOrderOnly.backward(ctx)
+        _refuse_second_order(ctx.name)
 
 
 @with_cached_signature
@@ -416,7 +412,7 @@ def attach_ift(
             if "vmap" in transforms:
                 _refuse_second_order_under_vmap(adjoint.name)
             if not adjoint.second_order:
-                _FirstOrderOnly.backward(SimpleNamespace(name=adjoint.name))
+                _refuse_second_order(adjoint.name)
         y = residual_theta(w_star)
     else:
         # One evaluation serves both derivatives: ∂R/∂θ through the correction below, and the matvecs with
@@ -435,6 +431,13 @@ def attach_ift(
         shift = _ImplicitCorrection.apply(y, adjoint)
         y = y + (residual_theta(w_star + shift) - y - adjoint.linearized(shift))
     return w_star + _ImplicitCorrection.apply(y, adjoint)
+
+
+def _refuse_second_order(name: str) -> None:
+    raise NotImplementedError(
+        f"{name}: second derivatives through the IFT (torch.func.hessian, grad of grad) need "
+        "backward=il.IFT(second_order=True)."
+    )
 
 
 def _refuse_second_order_under_vmap(name: str) -> None:
