@@ -22,7 +22,9 @@ bookkeeping, the autograd glue of the IFT. Users who solve many small problems p
 - `torchdeq solver`: torchdeq's Anderson alone, same `m`, `λ`, relative tolerance and `max_iter`;
 - `ImplicitLayer` (one `FixedPoint` condition, zeros start) forward under `torch.no_grad()` (inference;
   compared with torchdeq's solver alone), forward with `W` requiring grad, and forward
-  + IFT backward of `z.sum()` into `W`; `il.DEQ` forward + IFT backward, the same problem;
+  + IFT backward of `z.sum()` into `W`; `il.DEQ` forward + IFT backward, the same problem, and the same
+  with the forward capped at one iteration (the fixed cost of a round trip: the call, one step, the exact
+  dense IFT backward);
 - `torchdeq DEQ`: `get_deq(anderson, IFT)` with the same options both ways, forward and forward + backward.
 
 Columns: the median and the minimum time over `--repeats` rounds in which every row takes one turn (so
@@ -65,6 +67,8 @@ except ImportError:  # the `bench` extra is optional; without it only our rows a
 TOL, MAX_ITER, MEMORY, LAM = 1e-4, 50, 5, 1e-4
 LOOP = 20  # calls per timed turn of `f` and of the VJP: a single 4 µs call is too close to the timer's own cost
 FIXED = (1, 10, 20)  # forced iteration counts of `il.fixed_point`: the per-call cost and the per-iteration slope
+# What a forward + backward costs before any iteration count enters: one forward iteration, the exact backward.
+ONE_ITERATION_ROUND_TRIP = "il.DEQ fwd + IFT bwd, 1 iteration"
 
 
 def _fixed(n: int) -> str:
@@ -137,6 +141,9 @@ def make_steps(case: Case) -> tuple[dict[str, Callable[[], object]], dict[str, i
     """The timed rows, and the forward and backward NFE of each (measured once, untimed)."""
     f, z0 = case.f, case.z0
     layer, deq = make_layer(case), il.DEQ(case.cell, solver=our_solver())
+    # The fixed cost of a round trip: one forward iteration (reported, not raised: it has not converged) and
+    # the default (dense, exact) IFT backward, which at tol 1e-4 converges.
+    deq_one = il.DEQ(case.cell, solver=our_solver(max_iter=1, on_failure="ignore"))
     fixed = {n: our_solver(tol=1e-30, max_iter=n, on_failure="ignore") for n in FIXED}
     nfe: dict[str, int] = {}
     nfe_bwd: dict[str, int] = {}
@@ -171,6 +178,9 @@ def make_steps(case: Case) -> tuple[dict[str, Callable[[], object]], dict[str, i
     def deq_step() -> None:
         deq(case.x).sum().backward()
 
+    def deq_one_step() -> None:
+        deq_one(case.x).sum().backward()
+
     steps: dict[str, Callable[[], object]] = {"f": evals, "vjp": vjps, "il.fixed_point": fixed_point(our_solver())}
     nfe["il.fixed_point"] = il.fixed_point(f, z0, solver=our_solver()).info.nfe
     for n, solver in fixed.items():
@@ -183,6 +193,7 @@ def make_steps(case: Case) -> tuple[dict[str, Callable[[], object]], dict[str, i
     steps["ImplicitLayer forward"] = layer_forward
     steps["ImplicitLayer forward + IFT backward"] = layer_step
     steps["il.DEQ forward + IFT backward"] = deq_step
+    steps[ONE_ITERATION_ROUND_TRIP] = deq_one_step
     layer_step()
     forward_nfe = _only_nfe(layer.last_solution.info if layer.last_solution is not None else {})
     for name in ("ImplicitLayer forward, no grad", "ImplicitLayer forward", "ImplicitLayer forward + IFT backward"):
@@ -191,6 +202,9 @@ def make_steps(case: Case) -> tuple[dict[str, Callable[[], object]], dict[str, i
     deq_step()
     nfe["il.DEQ forward + IFT backward"] = deq.nfe
     nfe_bwd["il.DEQ forward + IFT backward"] = _only_nfe(deq.layer.backward_info)
+    deq_one_step()
+    nfe[ONE_ITERATION_ROUND_TRIP] = deq_one.nfe
+    nfe_bwd[ONE_ITERATION_ROUND_TRIP] = _only_nfe(deq_one.layer.backward_info)
 
     if _torchdeq_get_deq is not None:
         solve = _torchdeq_get_solver("anderson")
