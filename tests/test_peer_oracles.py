@@ -1,0 +1,541 @@
+"""More peer oracles: problems from the peers' own test files, restated through the public API.
+
+`tests/test_oracles.py` holds the first batch; this file adds further problems from the test suites of
+jaxopt, optimistix, torchopt, cvxpylayers and torchdeq (each docstring names the peer test), checked in
+float64 against a closed form, a dense oracle (numpy/scipy) or finite differences, never against this
+library. Where a peer's test keeps its own default tolerances and iteration caps, the requirement here is
+the project's contract: the answer is right, or the failure is reported (never a wrong converged value).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import optimize
+
+import implicitlayers as il
+
+F64 = torch.float64
+TIGHT = dict(tol=1e-11, stop="abs", on_failure="raise")
+
+
+def _layer(kind, fn, inputs, init, *, solver, backward=None, **kwargs):
+    """A one-variable layer `v` defined by the condition `kind(v, fn, (v, *inputs), **kwargs)`."""
+    nodes = [il.Input(f"in{i}") for i in range(len(inputs))]
+    v = il.Variable("v")
+    problem = il.Problem([kind(v, fn, (v, *nodes), **kwargs)])
+    return il.ImplicitLayer(problem, nodes, v, solver=solver, backward=backward, init={"v": init})
+
+
+def _info(layer: il.ImplicitLayer) -> il.SolveInfo:
+    (info,) = layer.last_solution.info.values()
+    return info
+
+
+def _fd_jacobian(fn, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Central finite differences of `fn` (one sample) in `x`: the oracle where no closed form exists."""
+    cols = []
+    for j in range(x.numel()):
+        e = torch.zeros_like(x).reshape(-1)
+        e[j] = eps
+        e = e.reshape(x.shape)
+        cols.append(((fn(x + e) - fn(x - e)) / (2 * eps)).reshape(-1))
+    return torch.stack(cols, 1)
+
+
+# ============================================================================ jaxopt: fixed points
+
+
+def test_jaxopt_anderson_rotation_map_fixed_point_is_the_centre():
+    """jaxopt `anderson_test.py::test_rotation_map`: `x ← R(x − c) + c` with `R` block-diagonal 2×2
+    rotations by `π/(2, 3, 4, 5, 6, 1.27, 1.73)`: not a contraction (‖R‖ = 1, plain iteration circles
+    forever), yet Anderson (memory 10) finds the centre `c = (1, …, 14)`; the gradient in `c` is the
+    identity (`(I − R)⁻¹(I − R)`)."""
+    theta = math.pi / torch.tensor([2, 3, 4, 5, 6, 1.27, 1.73], dtype=F64)
+    R = torch.block_diag(*[torch.stack([torch.stack([t.cos(), -t.sin()]), torch.stack([t.sin(), t.cos()])]) for t in theta])
+    c = torch.arange(1, 15, dtype=F64)[None].requires_grad_()
+    x0 = torch.rand(14, generator=torch.Generator().manual_seed(0), dtype=F64)
+    deq = il.DEQ(lambda x, c: (x - c) @ R.T + c, solver=il.Anderson(memory=10, **TIGHT, max_iter=400), z_init=x0,
+                 backward=il.IFT(solver=il.linear.GMRES(tol=1e-12, max_iter=200)))
+    x = deq(c)
+    torch.testing.assert_close(x, c.detach(), rtol=0, atol=1e-9)
+    jac = torch.autograd.functional.jacobian(lambda c_: deq(c_)[0], c.detach())[:, 0]
+    torch.testing.assert_close(jac, torch.eye(14, dtype=F64), rtol=0, atol=1e-8)
+    picard = il.fixed_point(lambda x: (x - c.detach()) @ R.T + c.detach(), x0[None],
+                            solver=il.FixedPointIteration(tol=1e-6, max_iter=100, on_failure="ignore"))
+    assert not bool(picard.info.converged.any()), "plain iteration cannot converge on a rotation"
+
+
+def test_jaxopt_anderson_scalar_affine_map():
+    """jaxopt `anderson_test.py::test_support_for_scalars`: `x ← ½x + ½` from 0 has the fixed point 1,
+    with Anderson's defaults (history 5) and with every solver; `dx/db = 2` for `x ← ½x + b`."""
+    for solver in (il.Anderson(), il.Broyden(), il.FixedPointIteration(max_iter=100)):
+        sol = il.fixed_point(lambda x: 0.5 * x + 0.5, torch.zeros(1, 1, dtype=F64), solver=solver)
+        assert bool(sol.info.converged.all())
+        torch.testing.assert_close(sol.value, torch.ones(1, 1, dtype=F64), rtol=1e-3, atol=0)
+    deq = il.DEQ(lambda x, b: 0.5 * x + b, solver=il.Anderson(**TIGHT))
+    b = torch.full((1, 1), 0.5, dtype=F64, requires_grad=True)
+    (g,) = torch.autograd.grad(deq(b).sum(), b)
+    torch.testing.assert_close(g, torch.full_like(b, 2.0), rtol=1e-10, atol=0)
+
+
+def test_jaxopt_anderson_sign_flip_and_cubic_maps_reach_zero():
+    """jaxopt `anderson_test.py::test_sin_fixed_point` (its pytree leaf `x ← −x`, which plain iteration
+    only oscillates on, beside `sin(x)x²` and `x³`): Anderson with history 3 reaches 0 in every entry."""
+    start = torch.tensor([[0.6, 0.0, -0.1, 0.7, 0.5, -1 / 3, 0.0, 2 / 3, -0.4 / 3]], dtype=F64)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.sin(x[:, :3]) * x[:, :3] ** 2, x[:, 3:5] ** 3, -x[:, 5:]], 1)
+
+    sol = il.fixed_point(f, start, solver=il.Anderson(memory=3, lam=1e-6, tol=1e-6, stop="abs", max_iter=1000, on_failure="raise"))
+    torch.testing.assert_close(sol.value, torch.zeros_like(start), rtol=0, atol=1e-6)
+
+
+def test_jaxopt_flat_landscape_gradient_is_zero():
+    """jaxopt `anderson_test.py::test_grads_flat_landscape` (and `broyden_test.py`'s): `x ← θ ⊙ x`
+    with `θ = (0.05, 0.2)` from `(1, −0.5)`: the fixed point is 0 for every θ, so `dx/dθ = 0` (the
+    IFT's `(I − diag θ)⁻¹ diag(x*) = 0`); `gradcheck` in θ, for the fixed point and for the root
+    `θx − x = 0` with Broyden."""
+    theta = torch.tensor([[0.05, 0.2]], dtype=F64, requires_grad=True)
+    x0 = torch.tensor([1.0, -0.5], dtype=F64)
+    deq = il.DEQ(lambda x, t: t * x, solver=il.Anderson(**TIGHT, max_iter=100), z_init=x0)
+    root = _layer(il.Root, lambda x, t: t * x - x, [theta], x0, solver=il.Broyden(**TIGHT, max_iter=100))
+    for layer in (deq, root):
+        x = layer(theta)
+        torch.testing.assert_close(x, torch.zeros_like(x), rtol=0, atol=1e-11)
+        (g,) = torch.autograd.grad(x.sum(), theta)
+        torch.testing.assert_close(g, torch.zeros_like(g), rtol=0, atol=1e-10)
+        assert torch.autograd.gradcheck(layer, (theta,), eps=1e-5, atol=1e-6)
+
+
+# ============================================================================ jaxopt: Broyden roots
+
+
+def test_jaxopt_broyden_geometric_decay_root_within_ten_steps():
+    """jaxopt `broyden_test.py::test_geometric_decay`: the root of `(0.9, 0.99, 0.999) ⊙ x − x` from
+    `(1, 0.4, −0.2)` within `maxiter=10`, `tol=1e-5`: linear in 3 unknowns, so Broyden's secant steps
+    must reach it (the root is 0; a converged answer must have ‖x‖ small, the peer's 1e-2)."""
+    r = torch.tensor([0.9, 0.99, 0.999], dtype=F64)
+    sol = il.root(lambda x: r * x - x, torch.tensor([[1.0, 0.4, -0.2]], dtype=F64),
+                  solver=il.Broyden(max_iter=10, tol=1e-5, stop="abs", on_failure="ignore"))
+    if bool(sol.info.converged.all()):
+        assert float(sol.value.norm()) < 1e-2
+    else:  # not reached: then it must be reported, and the residual must be above tol
+        assert float((r * sol.value - sol.value).norm()) > 1e-5
+
+
+def test_jaxopt_broyden_sin_and_cubic_roots():
+    """jaxopt `broyden_test.py::test_sin_fixed_point`: the roots of `sin(x)x² − x` (from 0.6, 0, −0.1)
+    and `x³ − x` (from 0.7, 0.5) with tol 1e-6: whatever root is reached, the residual there is below
+    the tolerance, and a converged flag means it."""
+    start = torch.tensor([[0.6, 0.0, -0.1, 0.7, 0.5]], dtype=F64)
+
+    def g(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.sin(x[:, :3]) * x[:, :3] ** 2 - x[:, :3], x[:, 3:] ** 3 - x[:, 3:]], 1)
+
+    sol = il.root(g, start, solver=il.Broyden(max_iter=100, tol=1e-6, stop="abs", on_failure="raise"))
+    assert float(g(sol.value).norm()) < 1e-6
+
+
+def test_jaxopt_broyden_cos_root_value_and_gradient():
+    """jaxopt `broyden_test.py::test_cos_fixed_point` / `test_simple_grads`: the root of
+    `cos(x) + θ − x` from `(0.3, π/4)` with θ = (0, π/2): `(0.739085…, π/2)`, at the peer's loose
+    tolerance (1e-2, `stop="abs"`) to within 1e-2 and at a tight one to 1e-10; `dx/dθ = 1/(1 + sin x)`."""
+    theta = torch.tensor([[0.0, math.pi / 2]], dtype=F64)
+    exact = torch.tensor([[0.7390851332151607, math.pi / 2]], dtype=F64)
+    loose = il.root(lambda x: torch.cos(x) + theta - x, torch.tensor([[0.3, math.pi / 4]], dtype=F64),
+                    solver=il.Broyden(max_iter=100, tol=1e-2, stop="abs", on_failure="raise"))
+    torch.testing.assert_close(loose.value, exact, rtol=0, atol=1e-2)
+    layer = _layer(il.Root, lambda x, t: torch.cos(x) + t - x, [theta], torch.tensor([0.0, math.pi / 4], dtype=F64),
+                   solver=il.Broyden(**TIGHT, max_iter=400))
+    th = theta.clone().requires_grad_()
+    x = layer(th)
+    torch.testing.assert_close(x, exact, rtol=0, atol=1e-10)
+    (g,) = torch.autograd.grad(x.sum(), th)
+    torch.testing.assert_close(g, 1 / (1 + torch.sin(exact)), rtol=1e-9, atol=0)
+    assert torch.autograd.gradcheck(layer, (th,))
+
+
+def test_jaxopt_broyden_affine_root_gradients():
+    """jaxopt `broyden_test.py::test_affine_contractive_mapping`: the root of `Mx + b − x` (M symmetric,
+    spectral radius < 0.5; n = 30 here) by Broyden, `gradcheck` in `M` and `b` (as the peer's
+    `check_grads`), and the value against `(I − M)⁻¹b`."""
+    gen = torch.Generator().manual_seed(0)
+    n = 30
+    M = 2 * torch.rand(n, n, generator=gen, dtype=F64) - 1
+    M = M + M.T
+    M = M / (2 * torch.linalg.eigvalsh(M).abs().max() + 1e-4)
+    b = torch.rand(1, n, generator=gen, dtype=F64)
+
+    def solve(M: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        layer = _layer(il.Root, lambda x, M, b: torch.einsum("bij,bj->bi", M, x) + b - x, [M, b], torch.zeros(b.shape[1], dtype=F64),
+                       solver=il.Broyden(**TIGHT, max_iter=200))
+        return layer(M, b)
+
+    x = solve(M[None], b)
+    torch.testing.assert_close(x[0], torch.linalg.solve(torch.eye(n, dtype=F64) - M, b[0]), rtol=0, atol=1e-10)
+    small = M[:6, :6][None].clone().requires_grad_()
+    assert torch.autograd.gradcheck(solve, (small, b[:, :6].clone().requires_grad_()))
+
+
+# ============================================================================ jaxopt: implicit diff
+
+
+def test_jaxopt_ridge_as_a_fixed_point_of_gradient_descent():
+    """jaxopt `implicit_diff_test.py::test_custom_fixed_point`: ridge regression written as the fixed
+    point of one gradient step `p ← p − η∇`, `FixedPoint` solved by Anderson; value and `dp/dλ` against
+    the closed form, as in the peer (there compared to finite differences)."""
+    from sklearn.datasets import make_regression
+
+    X_np, y_np = make_regression(n_samples=10, n_features=3, random_state=0)
+    X, y = torch.from_numpy(X_np), torch.from_numpy(y_np)
+    n = X.shape[0]
+    eta = 1.0 / float(torch.linalg.eigvalsh(X.T @ X / n).max() + 5.0)
+
+    def step(p: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        grad = ((p @ X.T - y) @ X) / n + lam * p
+        return p - eta * grad
+
+    layer = _layer(il.FixedPoint, step, [torch.zeros(1, 1, dtype=F64)], torch.zeros(3, dtype=F64),
+                   solver=il.Anderson(**TIGHT, max_iter=500))
+    lam = torch.full((1, 1), 5.0, dtype=F64, requires_grad=True)
+    p = layer(lam)
+
+    def closed(lam: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve(X.T @ X + lam[0, 0] * n * torch.eye(3, dtype=F64), X.T @ y)[None]
+
+    torch.testing.assert_close(p, closed(lam).detach(), rtol=1e-9, atol=0)
+    jac = torch.autograd.functional.jacobian(lambda l_: layer(l_)[0], lam.detach())[:, 0, 0]
+    want = torch.autograd.functional.jacobian(lambda l_: closed(l_)[0], lam.detach())[:, 0, 0]
+    torch.testing.assert_close(jac, want, rtol=1e-8, atol=0)
+
+
+def test_jaxopt_maximize_is_minimize_of_the_negation():
+    """jaxopt `implicit_diff_test.py` restates ridge as `custom_root(grad)`; the same optimality condition
+    holds for a maximisation of the negated objective: `Maximize` of `−(½‖Xp − y‖²/n + ½λ‖p‖²)` has the
+    ridge solution and the same `dp/dλ` (checked by `gradcheck`)."""
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(1, 8, 3, generator=gen, dtype=F64)
+    y = torch.randn(1, 8, generator=gen, dtype=F64)
+
+    def neg(p, lam, X, y):
+        return -(0.5 * ((torch.einsum("bnk,bk->bn", X, p) - y) ** 2).mean(1) + 0.5 * lam[:, 0] * (p**2).sum(1))
+
+    layer = _layer(il.Maximize, neg, [X[:, :1, :1], X, y], torch.zeros(3, dtype=F64), solver=il.Broyden(**TIGHT, max_iter=100))
+    lam = torch.full((1, 1), 0.3, dtype=F64, requires_grad=True)
+    p = layer(lam, X, y)
+    exact = torch.linalg.solve(X[0].T @ X[0] / 8 + 0.3 * torch.eye(3, dtype=F64), X[0].T @ y[0] / 8)
+    torch.testing.assert_close(p[0], exact, rtol=1e-10, atol=0)
+    assert torch.autograd.gradcheck(layer, (lam, X.clone().requires_grad_(), y.clone().requires_grad_()))
+
+
+# ============================================================================ optimistix: zoo
+
+
+def test_optimistix_cos_fixed_point_with_a_scaled_argument():
+    """optimistix `tests/helpers.py` (`_cos` in `fixed_point_fn_init_args`, the 28-entry `ones_pytree`
+    start 0.5, `const = 1`): `y = cos(c y)`; at `c = 1` the Dottie number; `dy/dc = −y sin(cy)/(1 + c
+    sin(cy))`, for Anderson, Broyden and plain iteration forwards (`c ≤ 1.1`, where `c·sin(cy*) < 1`
+    makes plain iteration contract), and `gradcheck` at several `c`."""
+    c = torch.linspace(0.5, 1.1, 28, dtype=F64)[None].requires_grad_()
+    for solver in (il.Anderson(**TIGHT, max_iter=200), il.Broyden(**TIGHT, max_iter=200),
+                   il.FixedPointIteration(**TIGHT, max_iter=2000)):
+        deq = il.DEQ(lambda y, c: torch.cos(c * y), solver=solver, z_init=torch.full((28,), 0.5, dtype=F64))
+        torch.testing.assert_close(deq(torch.ones(1, 28, dtype=F64)), torch.full((1, 28), 0.7390851332151607, dtype=F64),
+                                   rtol=0, atol=1e-10)
+        y = deq(c)
+        torch.testing.assert_close(y, torch.cos(c * y), rtol=0, atol=1e-10)
+        s = torch.sin(c * y)
+        (g,) = torch.autograd.grad(y.sum(), c)
+        torch.testing.assert_close(g, (-y * s / (1 + c * s)).detach(), rtol=1e-9, atol=0)
+    assert torch.autograd.gradcheck(deq, (c,))
+
+
+def test_optimistix_midpoint_linear_fixed_points_are_zero_with_zero_gradient():
+    """optimistix `tests/helpers.py` (`_midpoint_y_linear`, `_midpoint_f_linear`, `_midpoint_k_linear`:
+    one implicit-midpoint step of `y' = My` from `y₀ = 0` with `dt = 1/16`, in y-, f- and k-space, 28
+    unknowns started at 0.5, a normal random `M`): each map is linear in `y` with no offset, so the
+    fixed point is 0 and its gradient in `M` is zero (`gradcheck`)."""
+    gen = torch.Generator().manual_seed(19)
+    M = torch.randn(28, 28, generator=gen, dtype=F64)
+    dt = 1 / 16
+    maps = {
+        "y": lambda y, M: dt * torch.einsum("bij,bj->bi", M, 0.5 * y),
+        "f": lambda y, M: torch.einsum("bij,bj->bi", M, dt * y),
+        "k": lambda y, M: dt * torch.einsum("bij,bj->bi", M, y),
+    }
+    for name, f in maps.items():
+        deq = il.DEQ(f, solver=il.Anderson(**TIGHT, max_iter=300), z_init=torch.full((28,), 0.5, dtype=F64),
+                     backward=il.IFT(solver=il.linear.GMRES(tol=1e-12, max_iter=200)))
+        y = deq(M[None])
+        torch.testing.assert_close(y, torch.zeros(1, 28, dtype=F64), rtol=0, atol=1e-10, msg=name)
+        Mr = M[None].clone().requires_grad_()
+        (g,) = torch.autograd.grad((deq(Mr) * torch.arange(28, dtype=F64)).sum(), Mr)
+        torch.testing.assert_close(g, torch.zeros_like(g), rtol=0, atol=1e-9, msg=name)
+
+
+def _robertson(y: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The Robertson chemical kinetics right-hand side, batched `(B, 3)`, rates `k = (k1, k2, k3)`."""
+    k1, k2, k3 = k[:, 0], k[:, 1], k[:, 2]
+    a, b, c = y[:, 0], y[:, 1], y[:, 2]
+    return torch.stack([-k1 * a + k3 * b * c, k1 * a - k2 * b**2 - k3 * b * c, k2 * b**2], 1)
+
+
+def test_optimistix_robertson_midpoint_steps_from_zero():
+    """optimistix `tests/helpers.py` (`_midpoint_{y,f,k}_nonlinear`: implicit-midpoint steps of the stiff
+    Robertson system, rates (0.04, 3e7, 1e4), `dt = 1e-8`, `y₀ = 0`, started at ones): the right-hand
+    side vanishes at 0, so each fixed point is 0; with the tiny step each map is a contraction. The
+    gradient in the rates is zero there; also solved as a root by Broyden."""
+    k = torch.tensor([[0.04, 3e7, 1e4]], dtype=F64)
+    dt = 1e-8
+    maps = {
+        "y": lambda y, k: dt * _robertson(0.5 * y, k),
+        "f": lambda y, k: _robertson(dt * y, k),
+        "k": lambda y, k: dt * _robertson(y, k),
+    }
+    for name, f in maps.items():
+        for solver in (il.Anderson(**TIGHT, max_iter=200), il.Broyden(**TIGHT, max_iter=200)):
+            deq = il.DEQ(f, solver=solver, z_init=torch.ones(3, dtype=F64))
+            kr = k.clone().requires_grad_()
+            y = deq(kr)
+            torch.testing.assert_close(y, torch.zeros_like(y), rtol=0, atol=1e-10, msg=name)
+            (g,) = torch.autograd.grad(y.sum(), kr)
+            torch.testing.assert_close(g, torch.zeros_like(g), rtol=0, atol=1e-12, msg=name)
+
+
+def test_optimistix_matyas_minimum_at_the_origin():
+    """optimistix `tests/helpers.py` (`matyas` from `(6, 6)` with constants `(0.26, 0.48)`): the minimum
+    of `c₁(x² + y²) − c₂xy` is the origin (a positive-definite quadratic for `2c₁ > c₂`), whatever the
+    constants, so the gradient in them is zero; by Broyden and by Anderson with the default step."""
+    c = torch.tensor([[0.26, 0.48]], dtype=F64, requires_grad=True)
+
+    def matyas(v, c):
+        return c[:, 0] * (v[:, 0] ** 2 + v[:, 1] ** 2) - c[:, 1] * v[:, 0] * v[:, 1]
+
+    for solver in (il.Broyden(**TIGHT, max_iter=200), il.Anderson(**TIGHT, max_iter=2000)):
+        layer = _layer(il.Minimize, matyas, [c], torch.tensor([6.0, 6.0], dtype=F64), solver=solver)
+        v = layer(c)
+        torch.testing.assert_close(v, torch.zeros_like(v), rtol=0, atol=1e-10)
+        jac = torch.autograd.functional.jacobian(lambda c_: layer(c_)[0], c.detach())[:, 0]
+        torch.testing.assert_close(jac, torch.zeros_like(jac), rtol=0, atol=1e-9)
+
+
+def test_optimistix_beale_minimum_and_its_derivative_in_the_constants():
+    """optimistix `tests/helpers.py` (`beale` from `(2, 0)` with constants `(1.5, 2.25, 2.625)`): the
+    minimum `(3, ½)`, where every residual `cᵢ − x + x yⁱ` vanishes; so `d(x*, y*)/dc` is the least
+    squares pseudo-inverse of the residuals' Jacobian `[[−1 + yⁱ, i x yⁱ⁻¹]]ᵢ` (negated)."""
+    c = torch.tensor([[1.5, 2.25, 2.625]], dtype=F64, requires_grad=True)
+
+    def beale(v, c):
+        x, y = v[:, 0], v[:, 1]
+        return sum((c[:, i - 1] - x + x * y**i) ** 2 for i in (1, 2, 3))
+
+    layer = _layer(il.Minimize, beale, [c], torch.tensor([2.0, 0.0], dtype=F64), solver=il.Broyden(**TIGHT, max_iter=300))
+    v = layer(c)
+    torch.testing.assert_close(v, torch.tensor([[3.0, 0.5]], dtype=F64), rtol=0, atol=1e-9)
+    J = torch.tensor([[-1 + 0.5**i, i * 3.0 * 0.5 ** (i - 1)] for i in (1, 2, 3)], dtype=F64)
+    # r(v, c) = c + φ(v): d v*/dc = −(JᵀJ)⁻¹Jᵀ
+    want = -torch.linalg.solve(J.T @ J, J.T)
+    jac = torch.autograd.functional.jacobian(lambda c_: layer(c_)[0], c.detach())[:, 0]
+    torch.testing.assert_close(jac, want, rtol=1e-7, atol=1e-9)
+
+
+def test_optimistix_bowl_and_diagonal_bowl_minima():
+    """optimistix `tests/helpers.py` (`bowl`: `yᵀAy` with `A = MᵀM`, M 20×20 normal, start 0.05;
+    `diagonal_quadratic_bowl`: `Σ y²(0.1 + w)`, `w` squared normals, start 0.05): both minima are 0.
+    Restated with a shift `s` (`(y − s)ᵀA(y − s)`) so the minimum is `s` and `dy*/ds = I`."""
+    gen = torch.Generator().manual_seed(17)
+    M = torch.randn(20, 20, generator=gen, dtype=F64)
+    A = M.T @ M / 20  # the 1/20 keeps the eigenvalues near 1 (the peer's cond. number, smaller scale)
+    w = torch.randn(20, generator=gen, dtype=F64) ** 2
+    s = torch.zeros(1, 20, dtype=F64)
+    bowl = _layer(il.Minimize, lambda y, s: torch.einsum("bi,ij,bj->b", y - s, A, y - s), [s], torch.full((20,), 0.05, dtype=F64),
+                  solver=il.Broyden(**TIGHT, max_iter=300))
+    diag = _layer(il.Minimize, lambda y, s: (((y - s) ** 2) * (0.1 + w)).sum(1), [s], torch.full((20,), 0.05, dtype=F64),
+                  solver=il.Anderson(**TIGHT, max_iter=300))
+    for layer in (bowl, diag):
+        torch.testing.assert_close(layer(s), s, rtol=0, atol=1e-9)
+        shift = torch.randn(1, 20, generator=gen, dtype=F64)
+        jac = torch.autograd.functional.jacobian(lambda s_: layer(s_)[0], shift)[:, 0]
+        torch.testing.assert_close(jac, torch.eye(20, dtype=F64), rtol=0, atol=1e-7)
+
+
+def test_optimistix_square_minus_one_minimum():
+    """optimistix `tests/helpers.py` (`square_minus_one`: `Σx² − 1` from 1, minimum value −1 at 0):
+    solved by the three solvers with their defaults (a quadratic with Hessian 2I); the minimiser 0."""
+    for solver in (il.Anderson(), il.Broyden(), il.FixedPointIteration()):
+        layer = _layer(il.Minimize, lambda x, d: (x**2).sum(1) - 1 + 0 * d[:, 0], [torch.zeros(1, 1, dtype=F64)],
+                       torch.ones(1, dtype=F64), solver=solver)
+        x = layer(torch.zeros(1, 1, dtype=F64))
+        assert bool(_info(layer).converged.all())
+        assert float(x.abs().max()) < 1e-3
+
+
+def test_optimistix_variably_dimensioned_least_squares():
+    """optimistix `tests/helpers.py` (`variably_dimensioned`, TUOS eq. 25; the peer skips it as hard):
+    residuals `(y − c, Σ i(yᵢ − c), (Σ i(yᵢ − c))²)`, n = 10, start `1 − i/10`; the minimum is `y = c`.
+    With tight options it is solved or reported; a converged answer is `c`, and `dy*/dc = 1`."""
+    n = 10
+    i = torch.arange(1, n + 1, dtype=F64)
+
+    def objective(y, c):
+        t = ((y - c) * i).sum(1)
+        return ((y - c) ** 2).sum(1) + t**2 + t**4
+
+    layer = _layer(il.Minimize, objective, [torch.ones(1, 1, dtype=F64)], 1 - i / 10,
+                   solver=il.Broyden(tol=1e-10, stop="abs", max_iter=500, on_failure="ignore"))
+    c = torch.ones(1, 1, dtype=F64, requires_grad=True)
+    y = layer(c)
+    info = _info(layer)
+    if bool(info.converged.all()):
+        torch.testing.assert_close(y, torch.ones(1, n, dtype=F64), rtol=0, atol=1e-7)
+        (g,) = torch.autograd.grad(y.sum(), c)
+        torch.testing.assert_close(g, torch.full_like(g, float(n)), rtol=1e-6, atol=0)
+
+
+def test_optimistix_bisection_style_scalar_roots():
+    """optimistix `tests/helpers.py` (`bisection_fn_init_options_args`): `y − 1` from 1 (the start is the
+    root), and the fixed points of `cos(y)` and `exp(−y)` in [0, 1] from 1, as roots `f(y) − y`;
+    against the Dottie number and the omega constant, and `dy/dc` for `exp(−cy)` against
+    `−y²/(1 + cy)`."""
+    one = torch.ones(1, 1, dtype=F64)
+    sol = il.root(lambda y: y - 1, one, solver=il.Broyden(**TIGHT))
+    torch.testing.assert_close(sol.value, one, rtol=0, atol=0)
+    assert int(sol.info.nstep[0]) == 0
+    sol = il.root(lambda y: torch.cos(y) - y, one, solver=il.Broyden(**TIGHT))
+    torch.testing.assert_close(sol.value, torch.full_like(one, 0.7390851332151607), rtol=0, atol=1e-10)
+    layer = _layer(il.Root, lambda y, c: torch.exp(-c * y) - y, [one], torch.ones(1, dtype=F64), solver=il.Broyden(**TIGHT))
+    c = one.clone().requires_grad_()
+    y = layer(c)
+    torch.testing.assert_close(y, torch.full_like(one, 0.5671432904097838), rtol=0, atol=1e-10)
+    (g,) = torch.autograd.grad(y.sum(), c)
+    torch.testing.assert_close(g, -(y**2) / (1 + y), rtol=1e-9, atol=0)
+
+
+def test_optimistix_small_mlp_fixed_point_against_scipy():
+    """optimistix `tests/helpers.py` (`_nn`: `y = 0.1 · MLP(y)`, one softplus hidden layer of width 8, 28
+    unknowns started at 0.5; the peer's weights are JAX-seeded, restated with torch-seeded ones): the
+    fixed point against `scipy.optimize.fsolve`, and `gradcheck` in the first layer's weights."""
+    gen = torch.Generator().manual_seed(42)
+    W1, b1 = torch.randn(8, 28, generator=gen, dtype=F64) / 28**0.5, torch.randn(8, generator=gen, dtype=F64)
+    W2, b2 = torch.randn(28, 8, generator=gen, dtype=F64) / 8**0.5, torch.randn(28, generator=gen, dtype=F64)
+
+    def cell(y, W):
+        return 0.1 * (torch.nn.functional.softplus(torch.einsum("bij,bj->bi", W, y) + b1) @ W2.T + b2)
+
+    deq = il.DEQ(cell, solver=il.Anderson(**TIGHT, max_iter=100), z_init=torch.full((28,), 0.5, dtype=F64))
+    y = deq(W1[None])
+
+    def residual(y_np):
+        yt = torch.from_numpy(y_np)[None]
+        return (cell(yt, W1[None]) - yt)[0].numpy()
+
+    exact = optimize.fsolve(residual, np.full(28, 0.5), xtol=1e-14)
+    torch.testing.assert_close(y[0], torch.from_numpy(exact), rtol=0, atol=1e-10)
+    small = il.DEQ(lambda y, W: cell(y, W), solver=il.Anderson(**TIGHT, max_iter=100), z_init=torch.full((28,), 0.5, dtype=F64))
+    assert torch.autograd.gradcheck(small, (W1[None].clone().requires_grad_(),), eps=1e-6, atol=1e-6)
+
+
+# ============================================================================ cvxpylayers: constrained
+
+
+def _box_qp_oracle(Q: np.ndarray, q: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    res = optimize.minimize(lambda x: 0.5 * x @ Q @ x + q @ x, np.zeros(len(q)), jac=lambda x: Q @ x + q,
+                            bounds=[(lo, hi)] * len(q), method="L-BFGS-B", options=dict(ftol=1e-16, gtol=1e-14, maxiter=10000))
+    return res.x
+
+
+def test_cvxpylayers_box_constrained_qp_against_scipy_and_active_set_gradient():
+    """cvxpylayers `torch/test_cvxpylayer.py` (its box-constrained QPs, e.g. `test_simple_batch_socp`'s
+    `x ≥ 0` rows and the `test_basic_gp`-style bounds): `min ½xᵀQx + qᵀx` over `−1 ≤ x ≤ 1`, batched;
+    values against scipy's L-BFGS-B, and `dx*/dq` against the free-set closed form `−Q_FF⁻¹` (zero on
+    the rows at a bound)."""
+    gen = torch.Generator().manual_seed(5)
+    n, batch = 5, 3
+    L = torch.randn(n, n, generator=gen, dtype=F64)
+    Q = L @ L.T / n + 0.5 * torch.eye(n, dtype=F64)
+    q = 2.0 * torch.randn(batch, n, generator=gen, dtype=F64)
+    step = 1.0 / float(torch.linalg.eigvalsh(Q).max())
+    layer = _layer(il.Minimize, lambda x, q: 0.5 * torch.einsum("bi,ij,bj->b", x, Q, x) + (q * x).sum(1), [q],
+                   torch.zeros(n, dtype=F64), solver=il.Anderson(**TIGHT, max_iter=1000),
+                   constraint=il.sets.Box(-1.0, 1.0), step_size=step)
+    x = layer(q)
+    for b in range(batch):
+        exact = _box_qp_oracle(Q.numpy(), q[b].numpy(), -1.0, 1.0)
+        torch.testing.assert_close(x[b], torch.from_numpy(exact), rtol=0, atol=1e-7)
+        free = (x[b].abs() < 1 - 1e-8)
+        assert 0 < int(free.sum()), "a sample with no free coordinate tests nothing"
+        want = torch.zeros(n, n, dtype=F64)
+        idx = free.nonzero()[:, 0]
+        want[idx[:, None], idx[None, :]] = -torch.linalg.inv(Q[idx][:, idx])
+        jac = torch.autograd.functional.jacobian(lambda q_: layer(q_[None])[0], q[b])
+        torch.testing.assert_close(jac, want, rtol=0, atol=1e-8)
+
+
+def test_cvxpylayers_linf_ball_projection_and_its_jacobian():
+    """cvxpylayers' projection-type layers (`test_proj_*`-style problems; jaxopt `projection_test.py`
+    `projection_linf_ball`): `argmin ½‖v − x‖²` over `‖v‖∞ ≤ r` is the clip `clamp(x, −r, r)`, whose
+    Jacobian is the diagonal indicator of the unclipped coordinates."""
+    r = 0.7
+    x = torch.tensor([[0.3, -1.2, 0.9, -0.1, 2.0]], dtype=F64)
+    layer = _layer(il.Minimize, lambda v, x: 0.5 * ((v - x) ** 2).sum(1), [x], torch.zeros(5, dtype=F64),
+                   solver=il.Anderson(**TIGHT, max_iter=100), constraint=il.sets.LInfBall(r), step_size=0.5)
+    v = layer(x)
+    torch.testing.assert_close(v, x.clamp(-r, r), rtol=0, atol=1e-11)
+    jac = torch.autograd.functional.jacobian(lambda x_: layer(x_[None])[0], x[0])
+    torch.testing.assert_close(jac, torch.diag((x[0].abs() < r).to(F64)), rtol=0, atol=1e-9)
+
+
+def test_cvxpylayers_entropy_regularised_simplex_layer_is_softmax():
+    """cvxpylayers `test_entropy_maximization`-style layer (max entropy with a linear term on the
+    simplex): `argmax xᵀy + H(y)` over the simplex is `softmax(x)`. Restated unconstrained through the
+    KKT conditions: `y = softmax` is `exp(x − ν)` with `ν` the root of `Σ exp(x − ν) − 1`; the Jacobian
+    `diag(y) − yyᵀ`."""
+    x = torch.tensor([[0.5, -1.0, 2.0, 0.1], [3.0, 3.0, -2.0, 0.0]], dtype=F64)
+    layer = _layer(il.Root, lambda nu, x: torch.exp(x - nu).sum(1, keepdim=True) - 1, [x],
+                   lambda x: x.max(1, keepdim=True).values, solver=il.Broyden(**TIGHT, max_iter=100))
+
+    def entmax(x):
+        return torch.exp(x - layer(x))
+
+    y = entmax(x)
+    torch.testing.assert_close(y, torch.softmax(x, 1), rtol=0, atol=1e-12)
+    for i in range(2):
+        jac = torch.autograd.functional.jacobian(lambda xi: entmax(xi[None])[0], x[i])
+        s = torch.softmax(x[i], 0)
+        torch.testing.assert_close(jac, torch.diag(s) - torch.outer(s, s), rtol=0, atol=1e-11)
+
+
+# ============================================================================ backward modes
+
+
+def test_torchdeq_backward_modes_on_a_linear_cell():
+    """torchdeq `test/`'s gradient checks (IFT vs. unrolled vs. phantom, `test_grad.py`-style) on the
+    linear cell `z = Wz + x` (‖W‖ = 0.5): the exact gradient `(I − Wᵀ)⁻¹ w` in `x`, from `IFT` with
+    each linear solver, from `Unroll`, and a `Phantom` gradient that converges to it as `k` grows."""
+    gen = torch.Generator().manual_seed(0)
+    d = 6
+    W = torch.randn(d, d, generator=gen, dtype=F64)
+    W = 0.5 * W / torch.linalg.matrix_norm(W, 2)
+    x = torch.randn(2, d, generator=gen, dtype=F64, requires_grad=True)
+    w = torch.randn(2, d, generator=gen, dtype=F64)
+    want = torch.linalg.solve(torch.eye(d, dtype=F64) - W.T, w.T).T
+    backwards = [
+        il.IFT(), il.IFT(solver=il.linear.GMRES(tol=1e-12)), il.IFT(solver=il.linear.Dense()),
+        il.IFT(solver=il.linear.Neumann(tol=1e-12, stop="abs", max_iter=200)), il.IFT(solver=il.Broyden(tol=1e-12, stop="abs")),
+        il.Unroll(),
+    ]
+    for backward in backwards:
+        deq = il.DEQ(lambda z, x: z @ W.T + x, solver=il.Anderson(**TIGHT, max_iter=100), backward=backward)
+        (g,) = torch.autograd.grad((deq(x) * w).sum(), x)
+        tol = 1e-3 if isinstance(backward, il.IFT) and backward.solver is None else 1e-9
+        torch.testing.assert_close(g, want, rtol=tol, atol=tol, msg=repr(backward))
+    errors = []
+    for k in (1, 5, 40):
+        deq = il.DEQ(lambda z, x: z @ W.T + x, solver=il.Anderson(**TIGHT, max_iter=100), backward=il.Phantom(k=k, damping=1.0))
+        (g,) = torch.autograd.grad((deq(x) * w).sum(), x)
+        errors.append(float((g - want).norm()))
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-9, errors
