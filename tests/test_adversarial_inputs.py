@@ -494,3 +494,27 @@ def test_imaml_on_linear_regression_matches_the_normal_equations():
     assert imaml(X[:1], Y[:1])["weight"].shape == (1, 1, 2)
     with pytest.raises(ValueError, match="support_x has 3 task.*but support_y has 2"):
         imaml(X, Y[:2])
+
+
+# ============================================================================ what SolveInfo claims
+
+
+@pytest.mark.parametrize("stop", ["rel", "abs"])
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_the_reported_residual_is_the_residual_of_the_returned_iterate(name, stop):
+    # Maps of mixed scale (1e-3 to 1e3 per sample), linear and not, contracting or not: whatever the
+    # outcome, `info.residual` is the stopping measure recomputed at `value`, and `converged` means ≤ tol.
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        A = torch.randn(6, 6, dtype=F64, generator=g)
+        A = A / torch.linalg.matrix_norm(A, 2) * (0.5 + 0.6 * torch.rand(1, generator=g, dtype=F64).item())
+        b = torch.randn(4, 6, dtype=F64, generator=g) * 10.0 ** torch.randint(-3, 4, (4, 1), generator=g)
+        for f in (lambda z: z @ A.T + b, lambda z: torch.tanh(3 * z @ A.T + b), lambda z: 2 * torch.sin(2 * z @ A.T) + b):
+            for kw in ({}, {"max_iter": 7}):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", il.ConvergenceWarning)
+                    s = il.fixed_point(f, torch.zeros(4, 6, dtype=F64), solver=SOLVERS[name](tol=1e-6, stop=stop, **kw))
+                r = torch.linalg.vector_norm(s.value - f(s.value), dim=1)
+                measure = r / (torch.linalg.vector_norm(s.value, dim=1) + 1e-8) if stop == "rel" else r
+                torch.testing.assert_close(s.info.residual, measure, rtol=1e-6, atol=1e-9)
+                assert bool((~s.info.converged | (measure <= 1e-6 * (1 + 1e-9))).all())
