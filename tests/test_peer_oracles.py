@@ -539,3 +539,335 @@ def test_torchdeq_backward_modes_on_a_linear_cell():
         (g,) = torch.autograd.grad((deq(x) * w).sum(), x)
         errors.append(float((g - want).norm()))
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-9, errors
+
+
+# ============================================================================ cvxpylayers: API-level cases
+
+
+def test_cvxpylayers_shared_parameter_across_two_layers_gradcheck():
+    """cvxpylayers `test_shared_parameter`: two least-squares layers `argmin ‖Ax − bᵢ‖²` sharing the
+    parameter `A` (a 10×5 input of both), their solutions concatenated; values against `lstsq`,
+    `gradcheck` in `A`."""
+    rng = np.random.RandomState(243)
+    m, n = 10, 5
+    b1, b2 = torch.from_numpy(rng.randn(1, m)), torch.from_numpy(rng.randn(1, m))
+
+    def make(b):
+        return _layer(il.Minimize, lambda x, A: ((torch.einsum("bij,bj->bi", A, x) - b) ** 2).sum(1), [torch.zeros(1, m, n, dtype=F64)],
+                      torch.zeros(n, dtype=F64), solver=il.Broyden(**TIGHT, max_iter=200))
+
+    layer1, layer2 = make(b1), make(b2)
+    A = torch.from_numpy(rng.randn(1, m, n)).requires_grad_()
+    for layer, b in ((layer1, b1), (layer2, b2)):
+        exact = torch.linalg.lstsq(A[0].detach(), b[0]).solution
+        torch.testing.assert_close(layer(A)[0], exact, rtol=0, atol=1e-9)
+    assert torch.autograd.gradcheck(lambda A: torch.cat([layer1(A), layer2(A)], 1), (A,))
+
+
+def test_cvxpylayers_equality_constrained_minimum_norm_via_its_kkt_root():
+    """cvxpylayers `test_equality`: `min ‖x‖²` s.t. `Ax = b` (A = I, n = 10) has `x* = b`. Restated as the
+    root of its KKT system `(2x + Aᵀν, Ax − b)` in the stacked unknown `(x, ν)` (an indefinite Jacobian,
+    which a root solver must handle); value `b`, multiplier `−2b`, and `gradcheck` of `Σx*` in `b`."""
+    n = 10
+    A = torch.eye(n, dtype=F64)
+
+    def kkt(w, b):
+        x, nu = w[:, :n], w[:, n:]
+        return torch.cat([2 * x + nu @ A, x @ A.T - b], 1)
+
+    # line_search=True: without it Broyden's type-II update can turn singular on this system and stall
+    # (reported, /tmp/reports/peer_2.py).
+    layer = _layer(il.Root, kkt, [torch.zeros(1, n, dtype=F64)], torch.zeros(2 * n, dtype=F64),
+                   solver=il.Broyden(**TIGHT, max_iter=200, line_search=True))
+    b = torch.randn(1, n, generator=torch.Generator().manual_seed(243), dtype=F64, requires_grad=True)
+    w = layer(b)
+    torch.testing.assert_close(w[:, :n], b.detach(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(w[:, n:], -2 * b.detach(), rtol=0, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda b: layer(b)[:, :n].sum(), (b,))
+
+
+def test_cvxpylayers_incorrect_batch_sizes_are_a_value_error():
+    """cvxpylayers `test_incorrect_parameter_shape`: inputs whose batch sizes disagree are refused with
+    a `ValueError` that names them."""
+    layer = _layer(il.Minimize, lambda x, A, b: ((torch.einsum("bij,bj->bi", A, x) - b) ** 2).sum(1),
+                   [torch.zeros(1, 5, 3, dtype=F64), torch.zeros(1, 5, dtype=F64)], torch.zeros(3, dtype=F64), solver=il.Broyden())
+    with pytest.raises(ValueError, match="batch size"):
+        layer(torch.randn(4, 5, 3, dtype=F64), torch.randn(2, 5, dtype=F64))
+
+
+def test_cvxpylayers_broadcast_parameter_gradient_sums_over_the_batch():
+    """cvxpylayers `test_broadcasting`: `A` shared by the batch (captured), `b` repeated over 2 samples;
+    the gradient in `A` of the batch is twice the single sample's, against the ridge closed form
+    `(AᵀA + I)⁻¹Aᵀb`."""
+    gen = torch.Generator().manual_seed(243)
+    m, n = 30, 6
+    A = torch.randn(m, n, generator=gen, dtype=F64, requires_grad=True)
+    b0 = torch.randn(m, generator=gen, dtype=F64)
+    b = b0[None].repeat(2, 1)
+    layer = _layer(il.Minimize, lambda x, b: ((x @ A.T - b) ** 2).sum(1) + (x**2).sum(1), [b], torch.zeros(n, dtype=F64),
+                   solver=il.Broyden(**TIGHT, max_iter=200))
+    (g_batch,) = torch.autograd.grad(layer(b).sum(), A)
+    exact = torch.linalg.solve(A.T @ A + torch.eye(n, dtype=F64), A.T @ b0)
+    (g_one,) = torch.autograd.grad(exact.sum(), A)
+    torch.testing.assert_close(g_batch, 2 * g_one, rtol=1e-8, atol=1e-10)
+
+
+def test_cvxpylayers_unbounded_problem_is_reported_not_returned():
+    """cvxpylayers `test_unbounded` (`min x` s.t. `x ≤ p`, a solver error there): `min p·x` with no bound
+    below, unconstrained and over `Box(upper=1)`, must not be returned as converged; the default policy
+    warns and `"raise"` raises."""
+    p = torch.ones(1, 1, dtype=F64)
+    for constraint in (None, il.sets.Box(upper=1.0)):
+        layer = _layer(il.Minimize, lambda x, p: (x * p).sum(1), [p], torch.zeros(1, dtype=F64), solver=il.Anderson(max_iter=50),
+                       constraint=constraint)
+        with pytest.warns(il.ConvergenceWarning, match="did not converge"):
+            layer(p)
+        assert not bool(_info(layer).converged.any())
+        strict = _layer(il.Minimize, lambda x, p: (x * p).sum(1), [p], torch.zeros(1, dtype=F64),
+                        solver=il.Broyden(max_iter=50, on_failure="raise"), constraint=constraint)
+        with pytest.raises(il.ConvergenceError):
+            strict(p)
+
+
+# ============================================================================ constrained and coupled problems
+
+
+def test_linear_objective_over_a_ball_and_a_box():
+    """cvxpylayers' LPs (the `test_example`-style `x ≥ 0` bounds with a linear objective) and jaxopt
+    `projected_gradient_test.py` with a linear loss: `argmin cᵀx` over `‖x‖ ≤ 1` is `−c/‖c‖` with
+    Jacobian `−(I − ĉĉᵀ)/‖c‖`; over `[0, 1]ⁿ` it is the vertex `1[c < 0]` with a zero Jacobian. No
+    curvature: the `"auto"` step must still work, for every solver."""
+    c = torch.tensor([[1.0, -2.0, 0.5], [0.1, 0.2, -0.05]], dtype=F64)
+    for solver in (il.Anderson(**TIGHT, max_iter=300), il.Broyden(**TIGHT, max_iter=300), il.FixedPointIteration(**TIGHT, max_iter=300)):
+        ball = _layer(il.Minimize, lambda v, c: (v * c).sum(1), [c], torch.zeros(3, dtype=F64), solver=solver, constraint=il.sets.L2Ball(1.0))
+        torch.testing.assert_close(ball(c), -c / c.norm(dim=1, keepdim=True), rtol=0, atol=1e-12)
+        for i in range(2):
+            jac = torch.autograd.functional.jacobian(lambda c_: ball(c_[None])[0], c[i])
+            u = c[i] / c[i].norm()
+            torch.testing.assert_close(jac, -(torch.eye(3, dtype=F64) - torch.outer(u, u)) / c[i].norm(), rtol=0, atol=1e-10)
+        box = _layer(il.Minimize, lambda v, c: (v * c).sum(1), [c], torch.full((3,), 0.5, dtype=F64), solver=solver,
+                     constraint=il.sets.Box(0.0, 1.0))
+        torch.testing.assert_close(box(c), (c < 0).to(F64), rtol=0, atol=1e-12)
+        cr = c.clone().requires_grad_()
+        (g,) = torch.autograd.grad((box(cr) * torch.arange(3, dtype=F64)).sum(), cr)
+        torch.testing.assert_close(g, torch.zeros_like(g), rtol=0, atol=0)
+
+
+def test_maximize_over_a_box_gradcheck_and_matrix_variable_in_a_ball():
+    """jaxopt `projected_gradient_test.py` (box-constrained QPs; here as a `Maximize` of the negated
+    quadratic) and `projection_l2_ball` on a matrix-shaped variable (norm over all trailing dims, as
+    jaxopt's pytree projections): `gradcheck` through both, and the ball's value `X/‖X‖_F`."""
+    Q = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 1.5]], dtype=F64)
+    x = torch.tensor([[0.3, -1.2, 0.9], [0.1, 0.2, -0.3]], dtype=F64, requires_grad=True)
+    layer = _layer(il.Maximize, lambda v, x: -0.5 * torch.einsum("bi,ij,bj->b", v - x, Q, v - x), [x], torch.zeros(3, dtype=F64),
+                   solver=il.Anderson(**TIGHT, max_iter=500), constraint=il.sets.Box(-0.5, 0.5))
+    assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-6)
+    X = torch.tensor([[[1.0, 2.0], [3.0, -1.0]]], dtype=F64, requires_grad=True)
+    ball = _layer(il.Minimize, lambda v, x: 0.5 * ((v - x) ** 2).sum((1, 2)), [X], torch.zeros(2, 2, dtype=F64),
+                  solver=il.Anderson(**TIGHT, max_iter=300), constraint=il.sets.L2Ball(1.0), step_size=0.5)
+    torch.testing.assert_close(ball(X), (X / X.norm()).detach(), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(ball, (X,))
+
+
+def test_bilevel_fixed_point_and_minimize_in_one_block_against_the_reduced_problem():
+    """torchopt `test_implicit.py`'s bilevel setting and jaxopt's `custom_root` on a composed optimality
+    condition: `u* = argmin_u ½‖z(u) − t‖² + ½λ‖u‖²` with `z = Az + Bu + c` (total semantics, one
+    block with the adjoint). Eliminating `z = Mu + d` gives ridge regression in `u`: values and the
+    gradient in `t` against its closed form, with Anderson and Broyden. `total=False` (each variable
+    stationary with the other frozen) against its own linear system."""
+    gen = torch.Generator().manual_seed(1)
+    n, k, lam = 5, 3, 0.3
+    A = torch.randn(n, n, generator=gen, dtype=F64)
+    A = 0.5 * A / torch.linalg.matrix_norm(A, 2)
+    B, c = torch.randn(n, k, generator=gen, dtype=F64), torch.randn(n, generator=gen, dtype=F64)
+    t = torch.randn(2, n, generator=gen, dtype=F64, requires_grad=True)
+    M = torch.linalg.solve(torch.eye(n, dtype=F64) - A, B)
+    d = torch.linalg.solve(torch.eye(n, dtype=F64) - A, c)
+
+    def build(solver, objective, total):
+        T, z, u = il.Input("t"), il.Variable("z"), il.Variable("u")
+        problem = il.Problem([il.FixedPoint(z, lambda z, u: z @ A.T + u @ B.T + c, (z, u)),
+                              il.Minimize(u, objective, (u, z, T), total=total)])
+        return il.ImplicitLayer(problem, [T], [u, z], solver=solver, init={"z": torch.zeros(n, dtype=F64), "u": torch.zeros(k, dtype=F64)})
+
+    ridge = torch.linalg.solve(M.T @ M + lam * torch.eye(k, dtype=F64), ((t - d) @ M).T).T
+    w = torch.randn(2, k, generator=gen, dtype=F64)
+    (want,) = torch.autograd.grad((ridge * w).sum(), t)
+    for solver in (il.Anderson(**TIGHT, max_iter=2000), il.Broyden(**TIGHT, max_iter=500)):
+        layer = build(solver, lambda u, z, t: 0.5 * ((z - t) ** 2).sum(1) + 0.5 * lam * (u**2).sum(1), True)
+        u, z = layer(t)
+        torch.testing.assert_close(u, ridge.detach(), rtol=0, atol=1e-9)
+        torch.testing.assert_close(z, (u @ M.T + d).detach(), rtol=0, atol=1e-9)
+        (got,) = torch.autograd.grad((u * w).sum(), t)
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    # partial: λu + Bᵀ(z − t) = 0 with z = Mu + d
+    partial = build(il.Broyden(**TIGHT, max_iter=500), lambda u, z, t: 0.5 * lam * (u**2).sum(1) + ((u @ B.T) * (z - t)).sum(1), False)
+    exact = torch.linalg.solve(lam * torch.eye(k, dtype=F64) + B.T @ M, B.T @ (t - d).T).T
+    u, _ = partial(t)
+    torch.testing.assert_close(u, exact.detach(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(torch.autograd.grad(u.sum(), t)[0], torch.autograd.grad(exact.sum(), t)[0], rtol=1e-8, atol=1e-10)
+
+
+def test_two_player_quadratic_game_with_partial_semantics():
+    """A Nash equilibrium (jaxopt's `custom_root` on the stacked first-order conditions of two
+    players): `u` minimises `u² + uᵀw − uᵀp`, `w` minimises `1.5w² + wᵀu + wᵀp`, each with the other
+    frozen; the equilibrium solves `[[2, 1], [1, 3]] (u, w) = (p, −p)`; `gradcheck` in `p`."""
+    P, u, w = il.Input("p"), il.Variable("u"), il.Variable("w")
+    problem = il.Problem([
+        il.Minimize(u, lambda u, w, p: (u**2).sum(1) + (u * w).sum(1) - (u * p).sum(1), (u, w, P), total=False),
+        il.Minimize(w, lambda w, u, p: 1.5 * (w**2).sum(1) + (w * u).sum(1) + (w * p).sum(1), (w, u, P), total=False),
+    ])
+    layer = il.ImplicitLayer(problem, [P], [u, w], solver=il.Broyden(**TIGHT, max_iter=100),
+                             init={"u": torch.zeros(2, dtype=F64), "w": torch.zeros(2, dtype=F64)})
+    p = torch.tensor([[1.0, -0.5]], dtype=F64, requires_grad=True)
+    U, W = layer(p)
+    exact = torch.linalg.solve(torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=F64), torch.stack([p[0], -p[0]]).detach())
+    torch.testing.assert_close(U[0], exact[0], rtol=0, atol=1e-11)
+    torch.testing.assert_close(W[0], exact[1], rtol=0, atol=1e-11)
+    assert torch.autograd.gradcheck(lambda p: layer(p), (p,))
+
+
+def test_fixed_point_then_minimize_in_two_blocks_gradcheck():
+    """jaxopt `implicit_diff_test.py`'s composition of solvers (a root whose parameters are another
+    solver's output): `z = tanh(Az + t)` then `u = argmin ½‖u − z‖² + ¼Σu⁴` (two blocks, solved in
+    order); `gradcheck` in `t` and the second block's stationarity `u − z + u³ = 0`."""
+    gen = torch.Generator().manual_seed(1)
+    n = 5
+    A = torch.randn(n, n, generator=gen, dtype=F64)
+    A = 0.5 * A / torch.linalg.matrix_norm(A, 2)
+    T, z, u = il.Input("t"), il.Variable("z"), il.Variable("u")
+    problem = il.Problem([il.FixedPoint(z, lambda z, t: torch.tanh(z @ A.T + t), (z, T)),
+                          il.Minimize(u, lambda u, z: 0.5 * ((u - z) ** 2).sum(1) + 0.25 * (u**4).sum(1), (u, z))])
+    layer = il.ImplicitLayer(problem, [T], [u, z], solver=il.Broyden(tol=1e-12, stop="abs", max_iter=300, on_failure="raise"),
+                             init={"z": torch.zeros(n, dtype=F64), "u": torch.zeros(n, dtype=F64)})
+    t = torch.randn(2, n, generator=gen, dtype=F64, requires_grad=True)
+    uu, zz = layer(t)
+    torch.testing.assert_close(uu - zz + uu**3, torch.zeros_like(uu), rtol=0, atol=1e-11)
+    assert torch.autograd.gradcheck(lambda t: layer(t)[0], (t,))
+
+
+def test_damped_fixed_point_and_root_conditions():
+    """jaxopt `fixed_point_iteration_test.py` / `anderson_test.py` with damping (the peers' `mixing`/
+    `beta`): `z = cos z + θ` as a `FixedPoint(damping=0.3)` (Anderson) and as the `Root` of
+    `z − cos z − θ` with `damping=0.5` (Anderson, Picard) and Broyden; value and `gradcheck`."""
+    theta = torch.tensor([[0.0, 1.0]], dtype=F64, requires_grad=True)
+    layers = [
+        _layer(il.FixedPoint, lambda z, t: torch.cos(z) + t, [theta], torch.zeros(2, dtype=F64),
+               solver=il.Anderson(**TIGHT, max_iter=300), damping=0.3),
+    ] + [
+        _layer(il.Root, lambda z, t: z - torch.cos(z) - t, [theta], torch.zeros(2, dtype=F64), solver=solver, damping=0.5)
+        for solver in (il.Anderson(**TIGHT, max_iter=300), il.FixedPointIteration(**TIGHT, max_iter=500), il.Broyden(**TIGHT, max_iter=100))
+    ]
+    for layer in layers:
+        z = layer(theta)
+        torch.testing.assert_close(z - torch.cos(z), theta, rtol=0, atol=1e-10)
+        assert torch.autograd.gradcheck(layer, (theta,))
+
+
+# ============================================================================ transforms and backward modes
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's own jvp decompositions
+def test_jaxopt_jacobians_by_torch_func_transforms():
+    """jaxopt `implicit_diff_test.py` (`jax.jacrev` / `jax.jacfwd` / `jax.vmap` over a solver with
+    implicit differentiation): `torch.func.jacrev` and `jacfwd` of the cos fixed point against
+    `diag(1/(1 + sin z*))`, and `vmap` over samples against the equation."""
+    deq = il.DEQ(lambda z, th: torch.cos(z) + th, solver=il.Anderson(**TIGHT, max_iter=200))
+    theta = torch.tensor([[0.0, 1.0, -0.5]], dtype=F64)
+    exact = torch.diag(1 / (1 + torch.sin(deq(theta)[0])))
+    torch.testing.assert_close(torch.func.jacrev(deq)(theta)[0, :, 0, :], exact, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.func.jacfwd(deq)(theta)[0, :, 0, :], exact, rtol=1e-10, atol=1e-12)
+    many = torch.tensor([[0.1, 0.2, 0.3], [1.0, -1.0, 0.5]], dtype=F64)
+    out = torch.func.vmap(lambda th: deq(th[None])[0])(many)
+    torch.testing.assert_close(out - torch.cos(out), many, rtol=0, atol=1e-10)
+
+
+def test_unroll_and_phantom_through_a_ball_projection():
+    """jaxopt `projection_test.py` (the ball's Jacobian) with the other backward modes (jaxopt's
+    `implicit_diff=False` unrolling; torchdeq's phantom gradients): `Unroll` and a long `Phantom` of the
+    projected-gradient map give `(r/‖x‖)(I − x̂x̂ᵀ)` outside the ball."""
+    x = torch.tensor([[2.0, -1.0, 2.0]], dtype=F64)
+    u = x[0] / 3
+    want = 0.5 * (torch.eye(3, dtype=F64) - torch.outer(u, u))
+    for backward in (il.Unroll(), il.Phantom(k=30, damping=1.0)):
+        layer = _layer(il.Minimize, lambda v, x: 0.5 * ((v - x) ** 2).sum(1), [x], torch.zeros(3, dtype=F64),
+                       solver=il.Anderson(**TIGHT, max_iter=100), backward=backward, constraint=il.sets.L2Ball(1.5), step_size=0.5)
+        jac = torch.autograd.functional.jacobian(lambda x_: layer(x_[None])[0], x[0])
+        torch.testing.assert_close(jac, want, rtol=0, atol=1e-10)
+
+
+def test_scipy_root_reference_solver_agrees():
+    """optimistix `test_root_find.py` (the same root by several solvers): `ScipyRoot` (hybr) on
+    `cos y − y` and on the Himmelblau gradient from `(2, 2.5)`, against the Dottie number and `(3, 2)`."""
+    sol = il.root(lambda y: torch.cos(y) - y, torch.ones(2, 1, dtype=F64), solver=il.ScipyRoot(tol=1e-12))
+    torch.testing.assert_close(sol.value, torch.full((2, 1), 0.7390851332151607, dtype=F64), rtol=0, atol=1e-10)
+
+    def himmelblau_grad(v):
+        x, y = v[:, 0], v[:, 1]
+        a, b = x**2 + y - 11, x + y**2 - 7
+        return torch.stack([4 * a * x + 2 * b, 2 * a + 4 * b * y], 1)
+
+    sol = il.root(himmelblau_grad, torch.tensor([[2.0, 2.5]], dtype=F64), solver=il.ScipyRoot(tol=1e-12))
+    torch.testing.assert_close(sol.value, torch.tensor([[3.0, 2.0]], dtype=F64), rtol=0, atol=1e-9)
+
+
+# ============================================================================ float32, batches, steps
+
+
+def test_jaxopt_cos_fixed_point_in_float32_at_the_peer_tolerance():
+    """jaxopt `anderson_test.py::test_cos_fixed_point` runs in float32 (JAX's default) with tol 1e-6
+    (history 4, ridge 1e-6): Anderson and Broyden reach `(0.7390851, π/2)` to float32 accuracy and say
+    so, with `stop="rel"` and `"abs"`."""
+    theta = torch.tensor([[0.0, math.pi / 2]])
+    exact = torch.tensor([[0.7390851332151607, math.pi / 2]])
+    for solver in (il.Anderson(memory=4, lam=1e-6, tol=1e-6, max_iter=100, on_failure="raise"),
+                   il.Anderson(memory=4, lam=1e-6, tol=1e-6, stop="abs", max_iter=100, on_failure="raise"),
+                   il.Broyden(tol=1e-6, max_iter=100, on_failure="raise")):
+        sol = il.fixed_point(lambda x: torch.cos(x) + theta, torch.tensor([[0.3, math.pi / 4]]), solver=solver)
+        assert sol.value.dtype == torch.float32
+        torch.testing.assert_close(sol.value, exact, rtol=0, atol=3e-6)
+
+
+def test_mixed_batch_a_failing_sample_does_not_change_a_converging_one():
+    """jaxopt/optimistix batch their tests with `vmap` (each sample alone): a sample whose map repels
+    (`x ← 3x + 1` under plain iteration) is reported, while its neighbour (`x ← ½x + 1`) gets its fixed
+    point 2, the same as when solved alone."""
+    a = torch.tensor([[0.5], [3.0]], dtype=F64)
+    solver = il.FixedPointIteration(tol=1e-10, stop="abs", max_iter=60, on_failure="ignore")
+    both = il.fixed_point(lambda x: a * x + 1, torch.zeros(2, 1, dtype=F64), solver=solver)
+    alone = il.fixed_point(lambda x: a[:1] * x + 1, torch.zeros(1, 1, dtype=F64), solver=solver)
+    assert both.info.converged.tolist() == [True, False]
+    torch.testing.assert_close(both.value[:1], alone.value, rtol=0, atol=0)
+    torch.testing.assert_close(both.value[0], torch.tensor([2.0], dtype=F64), rtol=0, atol=1e-9)
+
+
+def test_optimistix_diagonal_bowls_of_very_different_scales_in_one_batch():
+    """optimistix `diagonal_quadratic_bowl` with weights spanning 1 to 3e4 across the batch (the
+    per-sample `"auto"` step of `Minimize`): `argmin ½Σdᵢvᵢ² − bᵀv = b/d`, unconstrained and clipped to
+    `[−1, 1]`, for Anderson and plain iteration."""
+    D = torch.tensor([[1.0, 2.0], [1e4, 3e4]], dtype=F64)
+    b = torch.tensor([[1.0, -3.0], [2e4, -3e4]], dtype=F64)
+    for solver in (il.Anderson(**TIGHT, max_iter=500), il.FixedPointIteration(**TIGHT, max_iter=3000)):
+        free = _layer(il.Minimize, lambda v, D, b: 0.5 * (D * v * v).sum(1) - (b * v).sum(1), [D, b], torch.zeros(2, dtype=F64), solver=solver)
+        torch.testing.assert_close(free(D, b), b / D, rtol=1e-9, atol=0)
+        boxed = _layer(il.Minimize, lambda v, D, b: 0.5 * (D * v * v).sum(1) - (b * v).sum(1), [D, b], torch.zeros(2, dtype=F64),
+                       solver=solver, constraint=il.sets.Box(-1.0, 1.0))
+        torch.testing.assert_close(boxed(D, b), (b / D).clamp(-1, 1), rtol=0, atol=1e-9)
+
+
+def test_torchdeq_spectral_radius_and_jacobian_regularizer_on_known_jacobians():
+    """torchdeq's `jac_reg` (Hutchinson `‖J‖_F²`) and its spectral-radius monitor, on a linear map
+    with a known Jacobian: a 0.8-scaled rotation by π/3 beside `diag(0.5, −0.3, 0.1)` has spectral
+    radius 0.8 (a complex pair: the hard case for power iteration); the Hutchinson mean over 4000
+    probes is within 3% of `‖J‖_F²`."""
+    th = math.pi / 3
+    J = torch.zeros(5, 5, dtype=F64)
+    J[:2, :2] = 0.8 * torch.tensor([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]], dtype=F64)
+    J[2:, 2:] = torch.diag(torch.tensor([0.5, -0.3, 0.1], dtype=F64))
+    z = torch.randn(3, 5, generator=torch.Generator().manual_seed(0), dtype=F64)
+    rho = il.nn.spectral_radius(lambda z: z @ J.T, z, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(rho, torch.full((3,), 0.8, dtype=F64), rtol=1e-3, atol=0)
+    K = torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=F64)
+    est = il.nn.jacobian_regularizer(lambda z: z @ K.T, torch.randn(2, 6, dtype=F64), probes=4000,
+                                     generator=torch.Generator().manual_seed(1), reduction="none")
+    torch.testing.assert_close(est, torch.full((2,), float((K**2).sum()), dtype=F64), rtol=0.03, atol=0)
