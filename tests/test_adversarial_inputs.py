@@ -518,3 +518,16 @@ def test_the_reported_residual_is_the_residual_of_the_returned_iterate(name, sto
                 measure = r / (torch.linalg.vector_norm(s.value, dim=1) + 1e-8) if stop == "rel" else r
                 torch.testing.assert_close(s.info.residual, measure, rtol=1e-6, atol=1e-9)
                 assert bool((~s.info.converged | (measure <= 1e-6 * (1 + 1e-9))).all())
+
+
+@pytest.mark.parametrize("options", [{}, {"centre": "learned", "pull": 0.5}], ids=["fixed-point-centre", "learned-pull"])
+def test_lyadeq_gradcheck_in_float64(options):
+    torch.manual_seed(0)
+    lyadeq = il.LyaDEQ(lambda z, u: torch.tanh(0.5 * z + u), 3, solver=il.Anderson(tol=1e-12, stop="abs", max_iter=300), **options).double()
+    x = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lyadeq, (x,), atol=1e-6)
+
+
+def test_lyadeq_with_budget_refuses_a_solver():
+    with pytest.raises(ValueError, match="budget=K fixes the computation.*do not pass solver= or backward="):
+        il.LyaDEQ(lambda z, u: z, 3, centre="origin", budget=5, solver=il.Anderson())
