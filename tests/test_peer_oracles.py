@@ -871,3 +871,91 @@ def test_torchdeq_spectral_radius_and_jacobian_regularizer_on_known_jacobians():
     est = il.nn.jacobian_regularizer(lambda z: z @ K.T, torch.randn(2, 6, dtype=F64), probes=4000,
                                      generator=torch.Generator().manual_seed(1), reduction="none")
     torch.testing.assert_close(est, torch.full((2,), float((K**2).sum()), dtype=F64), rtol=0.03, atol=0)
+
+
+def test_jiio_box_constrained_input_against_the_reduced_problem():
+    """jaxopt `projected_gradient_test.py`'s box QP, composed with an equilibrium (JIIO's joint inference
+    and input optimisation; cvxpylayers-style constrained layer): `x* = argmin ½‖Cz − y‖² + ½λ‖x‖²`
+    over `[−½, ½]³` with `z = Az + Bx`. Eliminating `z` gives a box QP; value against scipy's
+    L-BFGS-B on it, `dx*/dy` against central differences of that oracle, for Anderson and Broyden."""
+    gen = torch.Generator().manual_seed(4)
+    n, k, m, lam = 4, 3, 4, 0.1
+    A = torch.randn(n, n, generator=gen, dtype=F64)
+    A = 0.5 * A / torch.linalg.matrix_norm(A, 2)
+    B, C = torch.randn(n, k, generator=gen, dtype=F64), torch.randn(m, n, generator=gen, dtype=F64)
+    G = (C @ torch.linalg.solve(torch.eye(n, dtype=F64) - A, B)).numpy()
+
+    def oracle(y: np.ndarray) -> np.ndarray:
+        res = optimize.minimize(lambda x: 0.5 * np.sum((G @ x - y) ** 2) + 0.5 * lam * np.sum(x**2), np.zeros(k),
+                                jac=lambda x: G.T @ (G @ x - y) + lam * x, bounds=[(-0.5, 0.5)] * k, method="L-BFGS-B",
+                                options=dict(ftol=1e-16, gtol=1e-13, maxiter=10000))
+        return res.x
+
+    y = np.array([3.0, -2.0, 1.0, 0.5])
+    exact = oracle(y)
+    assert 0 < int((np.abs(exact) < 0.5 - 1e-6).sum()) < k, "the oracle must have free and active coordinates"
+    fd = np.stack([(oracle(y + 1e-6 * e) - oracle(y - 1e-6 * e)) / 2e-6 for e in np.eye(m)], 1)
+    for solver in (il.Anderson(**TIGHT, max_iter=3000), il.Broyden(**TIGHT, max_iter=500)):
+        jiio = il.JIIO(cell=lambda z, x: z @ A.T + x @ B.T, head=lambda z: z @ C.T,
+                       objective=lambda out, y, x: 0.5 * ((out - y) ** 2).sum(1) + 0.5 * lam * (x**2).sum(1),
+                       input_shape=k, state_shape=n, constraint=il.sets.Box(-0.5, 0.5), solver=solver)
+        yt = torch.from_numpy(y)[None].requires_grad_()
+        x, _ = jiio(yt)
+        torch.testing.assert_close(x[0], torch.from_numpy(exact), rtol=0, atol=1e-9)
+        jac = torch.stack([torch.autograd.grad(x[0, i], yt, retain_graph=True)[0][0] for i in range(k)])
+        torch.testing.assert_close(jac, torch.from_numpy(fd), rtol=0, atol=1e-7)
+
+
+def test_second_order_gradients_through_fixed_points_minimize_and_a_bilevel_block():
+    """optimistix/jaxopt differentiate their solves to any order (JAX transforms compose):
+    `gradgradcheck` through the cos fixed point (Anderson and Broyden), a non-quadratic ridge
+    `Minimize` in its regularisation, and a fixed point + `Minimize` block (total semantics), each with
+    `IFT(second_order=True)`."""
+    S = dict(tol=1e-12, stop="abs", on_failure="raise")
+    theta = torch.tensor([[0.0, 1.0, -0.5]], dtype=F64, requires_grad=True)
+    for solver in (il.Anderson(**S, max_iter=200), il.Broyden(**S, max_iter=200)):
+        deq = il.DEQ(lambda z, t: torch.cos(z) + t, solver=solver,
+                     backward=il.IFT(second_order=True, solver=il.linear.GMRES(tol=1e-13, max_iter=100)))
+        assert torch.autograd.gradgradcheck(deq, (theta,))
+    X = torch.randn(1, 6, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    y = torch.randn(1, 6, generator=torch.Generator().manual_seed(1), dtype=F64)
+    ridge = _layer(il.Minimize, lambda v, l: 0.5 * ((torch.einsum("bnk,bk->bn", X, v) - y) ** 2).sum(1) + 0.5 * l[:, 0] * (v**2).sum(1)
+                   + 0.1 * (v**4).sum(1), [torch.zeros(1, 1, dtype=F64)], torch.zeros(3, dtype=F64),
+                   solver=il.Broyden(**S, max_iter=200), backward=il.IFT(second_order=True))
+    assert torch.autograd.gradgradcheck(ridge, (torch.full((1, 1), 0.5, dtype=F64, requires_grad=True),))
+    gen = torch.Generator().manual_seed(1)
+    A = torch.randn(3, 3, generator=gen, dtype=F64)
+    A = 0.4 * A / torch.linalg.matrix_norm(A, 2)
+    T, z, u = il.Input("t"), il.Variable("z"), il.Variable("u")
+    problem = il.Problem([il.FixedPoint(z, lambda z, u: torch.tanh(z @ A.T + u), (z, u)),
+                          il.Minimize(u, lambda u, z, t: 0.5 * ((z - t) ** 2).sum(1) + 0.5 * (u**2).sum(1), (u, z, T))])
+    block = il.ImplicitLayer(problem, [T], [u], solver=il.Broyden(**S, max_iter=300), backward=il.IFT(second_order=True),
+                             init={"z": torch.zeros(3, dtype=F64), "u": torch.zeros(3, dtype=F64)})
+    assert torch.autograd.gradgradcheck(block, (torch.tensor([[0.3, -0.2, 0.5]], dtype=F64, requires_grad=True),))
+
+
+def test_torchdeq_convolutional_cell_gradients_against_unrolling():
+    """torchdeq's DEQ tests on image-shaped states (`(B, C, H, W)`): `z = tanh(conv(z) + x)` with a
+    small contractive convolution; `gradcheck` in `x`, and the gradients in the convolution's
+    parameters by the IFT against backpropagation through 500 plain iterations (`Unroll`). Also a
+    state shaped unlike the input (`z_init` a tensor, then a callable)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2, 2, 3, padding=1).double()
+    with torch.no_grad():
+        conv.weight.mul_(0.3)
+    x = torch.randn(2, 2, 4, 4, dtype=F64, requires_grad=True)
+    unrolled = il.DEQ(lambda z, x: torch.tanh(conv(z) + x), solver=il.FixedPointIteration(tol=1e-13, stop="abs", max_iter=500),
+                      backward=il.Unroll())
+    want = torch.autograd.grad(unrolled(x).pow(2).sum(), list(conv.parameters()))
+    for solver in (il.Anderson(**TIGHT, max_iter=200), il.Broyden(**TIGHT, max_iter=200)):
+        deq = il.DEQ(lambda z, x: torch.tanh(conv(z) + x), solver=solver)
+        assert torch.autograd.gradcheck(deq, (x,))
+        got = torch.autograd.grad(deq(x).pow(2).sum(), list(conv.parameters()))
+        for g_, w_ in zip(got, want):
+            torch.testing.assert_close(g_, w_, rtol=1e-9, atol=1e-10)
+    gen = torch.Generator().manual_seed(0)
+    W, U = 0.2 * torch.randn(3, 3, generator=gen, dtype=F64), torch.randn(3, 5, generator=gen, dtype=F64)
+    xx = torch.randn(2, 5, generator=gen, dtype=F64, requires_grad=True)
+    for start in (torch.zeros(3, dtype=F64), lambda x: torch.zeros(x.shape[0], 3, dtype=F64)):
+        deq = il.DEQ(lambda z, x: torch.tanh(z @ W.T + x @ U.T), solver=il.Anderson(**TIGHT, max_iter=200), z_init=start)
+        assert torch.autograd.gradcheck(deq, (xx,))
