@@ -531,3 +531,32 @@ def test_lyadeq_gradcheck_in_float64(options):
 def test_lyadeq_with_budget_refuses_a_solver():
     with pytest.raises(ValueError, match="budget=K fixes the computation.*do not pass solver= or backward="):
         il.LyaDEQ(lambda z, u: z, 3, centre="origin", budget=5, solver=il.Anderson())
+
+
+def test_a_maximize_in_a_box_and_its_gradient():
+    y_, v_ = il.Input("y"), il.Variable("v")
+    layer = il.ImplicitLayer(il.Problem([il.Maximize(v_, lambda v, y: -((v - y) ** 2).sum(1), (v_, y_), il.sets.Box(0.0, 1.0), step_size=0.25)]),
+                             y_, v_, solver=il.Anderson(tol=1e-12, stop="abs", max_iter=300), init={"v": torch.zeros(2, dtype=F64)})
+    y = torch.tensor([[2.0, -1.0], [0.5, 0.25]], dtype=F64, requires_grad=True)
+    v = layer(y)
+    torch.testing.assert_close(v, y.detach().clamp(0, 1), rtol=0, atol=1e-10)
+    (g,) = torch.autograd.grad(v.sum(), y)
+    torch.testing.assert_close(g, torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=F64), rtol=0, atol=1e-10)
+
+
+def test_first_order_ift_equals_ift_on_a_block_without_objectives():
+    W = 0.15 * torch.randn(4, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    grads = []
+    for backward in (il.IFT(), il.IFT(first_order=True)):
+        deq = il.DEQ(lambda z, x: torch.tanh(z @ W.T + x), solver=il.Anderson(tol=1e-12, stop="abs", max_iter=200), backward=backward)
+        grads.append(torch.autograd.grad(deq(x).sum(), x)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["anderson", "broyden"])
+@pytest.mark.parametrize("g", [lambda z: z**2 + 1, lambda z: torch.sign(z - 0.3)], ids=["no-real-root", "step"])
+def test_roots_that_do_not_exist_are_never_converged(name, g):
+    with pytest.warns(il.ConvergenceWarning, match="2/2 samples did not converge"):
+        s = il.root(g, torch.zeros(2, 2, dtype=F64), solver=_tight(name))
+    assert not bool(s.info.converged.any())
