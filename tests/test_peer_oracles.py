@@ -919,7 +919,7 @@ def test_second_order_gradients_through_fixed_points_minimize_and_a_bilevel_bloc
         assert torch.autograd.gradgradcheck(deq, (theta,))
     X = torch.randn(1, 6, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
     y = torch.randn(1, 6, generator=torch.Generator().manual_seed(1), dtype=F64)
-    ridge = _layer(il.Minimize, lambda v, l: 0.5 * ((torch.einsum("bnk,bk->bn", X, v) - y) ** 2).sum(1) + 0.5 * l[:, 0] * (v**2).sum(1)
+    ridge = _layer(il.Minimize, lambda v, lam: 0.5 * ((torch.einsum("bnk,bk->bn", X, v) - y) ** 2).sum(1) + 0.5 * lam[:, 0] * (v**2).sum(1)
                    + 0.1 * (v**4).sum(1), [torch.zeros(1, 1, dtype=F64)], torch.zeros(3, dtype=F64),
                    solver=il.Broyden(**S, max_iter=200), backward=il.IFT(second_order=True))
     assert torch.autograd.gradgradcheck(ridge, (torch.full((1, 1), 0.5, dtype=F64, requires_grad=True),))
