@@ -959,3 +959,89 @@ def test_torchdeq_convolutional_cell_gradients_against_unrolling():
     for start in (torch.zeros(3, dtype=F64), lambda x: torch.zeros(x.shape[0], 3, dtype=F64)):
         deq = il.DEQ(lambda z, x: torch.tanh(z @ W.T + x @ U.T), solver=il.Anderson(**TIGHT, max_iter=200), z_init=start)
         assert torch.autograd.gradcheck(deq, (xx,))
+
+
+def test_jaxopt_per_sample_gradients_by_vmap_of_grad_and_forward_mode():
+    """jaxopt/optimistix batch a differentiated solve with `jax.vmap(jax.grad(...))` and check
+    `jax.jvp`: `torch.func.vmap(torch.func.grad(...))` and `torch.func.jvp` over the cos fixed point,
+    against `1/(1 + sin z*)`."""
+    deq = il.DEQ(lambda z, t: torch.cos(z) + t, solver=il.Anderson(**TIGHT, max_iter=200))
+    thetas = torch.tensor([[0.0, 1.0, -0.5], [0.3, 0.2, 0.1]], dtype=F64)
+    want = 1 / (1 + torch.sin(deq(thetas)))
+    per_sample = torch.func.vmap(torch.func.grad(lambda t: deq(t[None]).sum()))(thetas)
+    torch.testing.assert_close(per_sample, want, rtol=1e-10, atol=0)
+    _, tangent = torch.func.jvp(deq, (thetas,), (torch.ones_like(thetas),))
+    torch.testing.assert_close(tangent, want, rtol=1e-10, atol=0)
+
+
+def test_two_players_through_a_shared_equilibrium_total_semantics():
+    """A game through an equilibrium (two `Minimize` variables reading one `FixedPoint`, each total
+    through it: jaxopt's `custom_root` on the stacked optimality conditions): `z = Az + B_u u + B_w w + c`,
+    player u minimises `½‖z − t₁‖² + ½‖u‖²`, player w `½‖z − t₂‖² + ½‖w‖²`. Eliminating `z = M_u u +
+    M_w w + d` gives a linear system for `(u, w)`: values and the gradient in `t₁`, Broyden and Anderson."""
+    gen = torch.Generator().manual_seed(2)
+    n, k = 4, 2
+    A = torch.randn(n, n, generator=gen, dtype=F64)
+    A = 0.4 * A / torch.linalg.matrix_norm(A, 2)
+    Bu, Bw = torch.randn(n, k, generator=gen, dtype=F64), torch.randn(n, k, generator=gen, dtype=F64)
+    c = torch.randn(n, generator=gen, dtype=F64)
+    t1 = torch.randn(1, n, generator=gen, dtype=F64, requires_grad=True)
+    t2 = torch.randn(1, n, generator=gen, dtype=F64)
+    inv = torch.linalg.inv(torch.eye(n, dtype=F64) - A)
+    Mu, Mw, d = inv @ Bu, inv @ Bw, inv @ c
+    eye = torch.eye(k, dtype=F64)
+    K = torch.cat([torch.cat([Mu.T @ Mu + eye, Mu.T @ Mw], 1), torch.cat([Mw.T @ Mu, Mw.T @ Mw + eye], 1)], 0)
+    exact = torch.linalg.solve(K, torch.cat([Mu.T @ (t1[0] - d), Mw.T @ (t2[0] - d)]))
+    T1, T2, z, u, w = il.Input("t1"), il.Input("t2"), il.Variable("z"), il.Variable("u"), il.Variable("w")
+    problem = il.Problem([
+        il.FixedPoint(z, lambda z, u, w: z @ A.T + u @ Bu.T + w @ Bw.T + c, (z, u, w)),
+        il.Minimize(u, lambda u, z, t: 0.5 * ((z - t) ** 2).sum(1) + 0.5 * (u**2).sum(1), (u, z, T1)),
+        il.Minimize(w, lambda w, z, t: 0.5 * ((z - t) ** 2).sum(1) + 0.5 * (w**2).sum(1), (w, z, T2)),
+    ])
+    (want,) = torch.autograd.grad(exact[:k].sum() + 2 * exact[k:].sum(), t1)
+    for solver in (il.Broyden(**TIGHT, max_iter=500), il.Anderson(**TIGHT, max_iter=3000)):
+        layer = il.ImplicitLayer(problem, [T1, T2], [u, w], solver=solver,
+                                 init={"z": torch.zeros(n, dtype=F64), "u": torch.zeros(k, dtype=F64), "w": torch.zeros(k, dtype=F64)})
+        U, W = layer(t1, t2)
+        torch.testing.assert_close(torch.cat([U[0], W[0]]), exact.detach(), rtol=0, atol=1e-10)
+        (got,) = torch.autograd.grad(U.sum() + 2 * W.sum(), t1)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_jaxopt_projections_with_centres_infinite_bounds_and_a_zero_radius():
+    """jaxopt `projection_test.py` (`projection_box` with infinite bounds, `projection_linf_ball` /
+    `projection_l2_ball` with a centre and a degenerate radius): `argmin ½‖v − x‖²` over each set, by
+    Anderson and Broyden, against the closed-form projections; the zero-radius ball is the point `c`,
+    with a zero Jacobian."""
+    x = torch.tensor([[0.3, -1.2, 0.9, -0.1, 2.0], [3.0, 0.1, -0.2, 0.4, -2.0]], dtype=F64)
+    c = torch.tensor([0.5, -0.5, 0.0, 0.2, 1.0], dtype=F64)
+    inf = float("inf")
+    lo = torch.tensor([0.0, -inf, -1.0, -inf, 0.5], dtype=F64)
+    hi = torch.tensor([inf, 0.0, 1.0, inf, inf], dtype=F64)
+    cases = [
+        (il.sets.LInfBall(0.6, center=c), c + (x - c).clamp(-0.6, 0.6)),
+        (il.sets.Box(lo, hi), torch.maximum(torch.minimum(x, hi), lo)),
+        (il.sets.L2Ball(0.0, center=c), c.expand_as(x)),
+    ]
+    for solver in (il.Anderson(**TIGHT, max_iter=300), il.Broyden(**TIGHT, max_iter=300)):
+        for constraint, want in cases:
+            layer = _layer(il.Minimize, lambda v, x: 0.5 * ((v - x) ** 2).sum(1), [x], torch.zeros(5, dtype=F64), solver=solver,
+                           constraint=constraint, step_size=0.5)
+            torch.testing.assert_close(layer(x), want, rtol=0, atol=1e-11)
+        xr = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(layer(xr).sum(), xr)
+        torch.testing.assert_close(g, torch.zeros_like(g), rtol=0, atol=0)
+
+
+def test_torchdeq_failed_backward_solve_is_reported_and_zeroed():
+    """torchdeq reports its backward solver's residual (`b_abs_trace`); here a backward solve that cannot
+    converge (a 5-term Neumann series at spectral radius 0.99) must be reported by a
+    `ConvergenceWarning` naming the IFT, and the failed samples get a zero gradient, not a wrong one."""
+    W = torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=F64)
+    W = 0.99 * W / torch.linalg.eigvals(W).abs().max()
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(1), dtype=F64, requires_grad=True)
+    deq = il.DEQ(lambda z, x: z @ W.T + x, solver=il.Anderson(**TIGHT, max_iter=300),
+                 backward=il.IFT(solver=il.linear.Neumann(tol=1e-10, max_iter=5)))
+    with pytest.warns(il.ConvergenceWarning, match="IFT backward"):
+        (g,) = torch.autograd.grad(deq(x).sum(), x)
+    torch.testing.assert_close(g, torch.zeros_like(g), rtol=0, atol=0)
