@@ -1045,3 +1045,51 @@ def test_torchdeq_failed_backward_solve_is_reported_and_zeroed():
     with pytest.warns(il.ConvergenceWarning, match="IFT backward"):
         (g,) = torch.autograd.grad(deq(x).sum(), x)
     torch.testing.assert_close(g, torch.zeros_like(g), rtol=0, atol=0)
+
+
+def test_jaxopt_lasso_by_a_nonnegative_split_against_sklearn_and_its_support_gradient():
+    """jaxopt `proximal_gradient_test.py` / `implicit_diff_test.py` (lasso and its implicit
+    differentiation in the regularisation): `min ½‖Xw − y‖² + λ‖w‖₁` restated smooth by the split
+    `w = p − q`, `p, q ≥ 0` (a `Minimize` over `Box(0)` in 10 unknowns), on `make_regression(10, 5)`
+    with normalised columns at λ = 60 (two coefficients zero). Value against sklearn's `Lasso`; `dw/dλ`
+    against the support's closed form `−(X_SᵀX_S)⁻¹ sign(w_S)` (zero off the support)."""
+    from sklearn.datasets import make_regression
+    from sklearn.linear_model import Lasso
+
+    X_np, y_np = make_regression(n_samples=10, n_features=5, random_state=0, noise=5.0)
+    X_np = X_np / np.linalg.norm(X_np, axis=0)
+    n, dim = X_np.shape
+    lam = 60.0
+    exact = Lasso(alpha=lam / n, fit_intercept=False, tol=1e-14, max_iter=100000).fit(X_np, y_np).coef_
+    support = np.abs(exact) > 1e-10
+    assert 0 < support.sum() < dim, "the oracle must be sparse for the test to mean something"
+    want = np.zeros(dim)
+    XS = X_np[:, support]
+    want[support] = -np.linalg.solve(XS.T @ XS, np.sign(exact[support]))
+    X, y = torch.from_numpy(X_np), torch.from_numpy(y_np)[None]
+
+    def objective(w, lam):
+        p, q = w[:, :dim], w[:, dim:]
+        return 0.5 * (((p - q) @ X.T - y) ** 2).sum(1) + lam[:, 0] * (p + q).sum(1)
+
+    for solver in (il.Anderson(**TIGHT, max_iter=5000), il.Broyden(**TIGHT, max_iter=1000)):
+        layer = _layer(il.Minimize, objective, [torch.zeros(1, 1, dtype=F64)], torch.zeros(2 * dim, dtype=F64), solver=solver,
+                       constraint=il.sets.Box(0.0))
+        lam_t = torch.full((1, 1), lam, dtype=F64, requires_grad=True)
+        w = layer(lam_t)
+        coef = w[:, :dim] - w[:, dim:]
+        torch.testing.assert_close(coef[0], torch.from_numpy(exact), rtol=0, atol=1e-9)
+        jac = torch.stack([torch.autograd.grad(coef[0, i], lam_t, retain_graph=True)[0][0, 0] for i in range(dim)])
+        torch.testing.assert_close(jac, torch.from_numpy(want), rtol=1e-8, atol=1e-10)
+
+
+def test_jaxopt_bisection_cubic_root_and_its_derivative():
+    """jaxopt `bisection_test.py` (the root of `x³ − x − 2` in [1, 2], 1.5213797068045676) as an
+    `il.Root` by Broyden from the bracket's midpoint; `dx/dc` for `x³ − x − c` is `1/(3x² − 1)`."""
+    layer = _layer(il.Root, lambda x, c: x**3 - x - c, [torch.zeros(1, 1, dtype=F64)], torch.full((1,), 1.5, dtype=F64),
+                   solver=il.Broyden(**TIGHT, max_iter=100))
+    c = torch.full((1, 1), 2.0, dtype=F64, requires_grad=True)
+    x = layer(c)
+    torch.testing.assert_close(x, torch.full((1, 1), 1.5213797068045676, dtype=F64), rtol=0, atol=1e-12)
+    (g,) = torch.autograd.grad(x.sum(), c)
+    torch.testing.assert_close(g, 1 / (3 * x.detach() ** 2 - 1), rtol=1e-10, atol=0)
