@@ -1093,3 +1093,32 @@ def test_jaxopt_bisection_cubic_root_and_its_derivative():
     torch.testing.assert_close(x, torch.full((1, 1), 1.5213797068045676, dtype=F64), rtol=0, atol=1e-12)
     (g,) = torch.autograd.grad(x.sum(), c)
     torch.testing.assert_close(g, 1 / (3 * x.detach() ** 2 - 1), rtol=1e-10, atol=0)
+
+
+def test_torchdeq_phantom_gradients_match_torchdeq():
+    """torchdeq's phantom gradients (`get_deq(ift=False, grad=k, tau=τ)`, the `[bench]` extra) as the
+    oracle: the same tanh cell solved by both to 1e-12, and the gradients in `W`, `U` and `x` of
+    `il.Phantom(k, damping=τ)` against torchdeq's for (k, τ) = (1, 1), (3, 0.5), (5, 0.8)."""
+    torchdeq = pytest.importorskip("torchdeq")
+    gen = torch.Generator().manual_seed(0)
+    d, batch = 8, 4
+    W = torch.randn(d, d, generator=gen, dtype=F64)
+    W = (0.9 * W / torch.linalg.matrix_norm(W, 2)).requires_grad_()
+    U = torch.randn(d, d, generator=gen, dtype=F64, requires_grad=True)
+    x = torch.randn(batch, d, generator=gen, dtype=F64, requires_grad=True)
+    target = torch.randn(batch, d, generator=gen, dtype=F64)
+
+    def cell(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z @ W.T + x @ U.T)
+
+    for k, tau in ((1, 1.0), (3, 0.5), (5, 0.8)):
+        ours = il.DEQ(cell, solver=il.Anderson(**TIGHT, max_iter=300), backward=il.Phantom(k=k, damping=tau))
+        theirs = torchdeq.get_deq(f_solver="anderson", f_max_iter=300, f_tol=1e-12, f_stop_mode="abs", ift=False, grad=k, tau=tau)
+        theirs.train()
+        z_ours = ours(x)
+        z_out, _ = theirs(lambda z: cell(z, x), torch.zeros(batch, d, dtype=F64))
+        torch.testing.assert_close(z_ours, z_out[-1], rtol=0, atol=1e-10)
+        got = torch.autograd.grad(((z_ours - target) ** 2).sum(), [W, U, x])
+        want = torch.autograd.grad(((z_out[-1] - target) ** 2).sum(), [W, U, x])
+        for g_, w_ in zip(got, want):
+            torch.testing.assert_close(g_, w_, rtol=1e-9, atol=1e-10)
