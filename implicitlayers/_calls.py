@@ -10,7 +10,7 @@ import torch
 from ._transforms import active_transforms
 from .problem import Problem
 
-__all__ = ["InitSpec", "check_inputs", "batched_start", "check_init"]
+__all__ = ["InitSpec", "check_inputs", "batched_start", "check_init", "init_mapping"]
 
 InitSpec = torch.Tensor | Callable[..., torch.Tensor]
 
@@ -102,6 +102,27 @@ def batched_start(
         batched = value.dim() > 1 and value.shape[0] == batch
         sample_shapes[name] = tuple(value.shape[1:]) if batched else tuple(value.shape)
     return value if batched else value.expand(batch, *value.shape).contiguous()
+
+
+def init_mapping(init: object) -> dict[str, Any]:
+    """`init` as a dict by variable name (`None` is empty); any other container is a `TypeError` that says so.
+
+    A bare tensor or a list would otherwise fail later with a message about missing variables or torch's
+    "Boolean value of Tensor ... is ambiguous".
+    """
+    if init is None:
+        return {}
+    if not isinstance(init, Mapping):
+        raise TypeError(
+            f"ImplicitLayer: init must be a dict {{variable name: tensor or callable of the inputs}}, got "
+            f"{type(init).__name__}; e.g. init={{'z': torch.zeros(16)}}."
+        )
+    for key in init:
+        if not isinstance(key, str):
+            name = getattr(key, "name", None)
+            hint = f" (use its name, {name!r})" if isinstance(name, str) else ""
+            raise TypeError(f"ImplicitLayer: init keys must be variable names (str), got {key!r}{hint}.")
+    return dict(init)
 
 
 def check_init(init: Mapping[str, Any], problem: Problem) -> None:

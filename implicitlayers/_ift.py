@@ -291,6 +291,10 @@ class AdjointProblem:
         iteratively.
         """
         batch, dim = rhs.shape
+        if dim == 0:  # no unknowns (an empty per-sample shape): the adjoint is empty, and exact
+            zero = torch.zeros(batch, dtype=rhs.dtype, device=rhs.device)
+            return rhs.clone(), SolveInfo(nstep=torch.zeros(batch, dtype=torch.long, device=rhs.device), residual=zero,
+                                          converged=torch.ones(batch, dtype=torch.bool, device=rhs.device), nfe=0)
         with torch.enable_grad():
             r, w = self._residual_graph()
             probes = torch.eye(dim, dtype=rhs.dtype, device=rhs.device)[:, None, :].expand(dim, batch, dim)

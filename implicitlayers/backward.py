@@ -149,10 +149,15 @@ class BlockSolve:
 
         A root of the gradient may be a maximum or a saddle point, and Anderson and Broyden (root finders)
         can converge to one. For each unconstrained objective of a block without equations (its
-        stationarity alone defines the variable), a sample whose objective (signed: a `Maximize` is
-        minimised negated) is lower on *both* sides of it along a random direction is not a minimum.
-        Costs three evaluations of the objective, no derivative; a saddle is found when the direction has
-        negative curvature.
+        stationarity alone defines the variable):
+
+        - a variable of at most `EXACT_CURVATURE_MAX_DIM` entries a sample: its Hessian (of the signed
+          objective: a `Maximize` is minimised negated), from that many Hessian–vector products, has a
+          negative eigenvalue beyond rounding. Exact: every saddle is found, whatever its one direction
+          of descent;
+        - a larger variable, or an objective without second derivatives: the objective is lower on *both*
+          sides of the sample along a random direction. Three evaluations, no derivative; a saddle is found
+          when the direction has negative curvature.
         """
         converged = info.converged
         if not bool(converged.any()):
@@ -176,6 +181,10 @@ class BlockSolve:
             def signed(at: torch.Tensor) -> torch.Tensor:
                 return cond.sign * self.system.objective_value(cond, {**scope, name: at})
 
+            lowest = _lowest_curvature(signed, v) if v[0].numel() <= EXACT_CURVATURE_MAX_DIM else None
+            if lowest is not None:
+                bad |= lowest
+                continue
             centre, plus, minus = signed(v), signed(v + h * d), signed(v - h * d)
             margin = 64 * eps * centre.abs().clamp_min(1.0)
             bad |= (plus < centre - margin) & (minus < centre - margin)
@@ -334,6 +343,25 @@ class Phantom(BackwardMode):
             raise ValueError(f"Phantom: damping must lie in (0, 1], got {self.damping!r}.")
 
     def attach(self, block: BlockSolve, w_star: torch.Tensor) -> torch.Tensor:
+        """`w*` with the gradient of `k` damped steps from it.
+
+        The value is `w*` itself (straight through: `w* + (w_k − w_k.detach())`), so a call returns the same
+        numbers whether or not an input requires grad, even for a sample that failed, whose steps may move
+        far. A sample whose steps turn non-finite gets no gradient and does not make the other samples'
+        shared gradients NaN (its NaN would multiply their zero cotangents in every shared operation).
+        """
+        w = self._steps(block, w_star)
+        if w is w_star:
+            return w_star
+        finite = torch.isfinite(w.detach()).all(1)
+        if not bool(finite.all()):
+            keep = finite.nonzero()[:, 0]
+            w_keep = self._steps(block.subset(keep), w_star.index_select(0, keep))
+            w = w_star.detach().index_copy(0, keep, w_keep)
+        return w_star.detach() + (w - w.detach())
+
+    def _steps(self, block: BlockSolve, w_star: torch.Tensor) -> torch.Tensor:
+        """`k` damped steps of the block's map from the detached `w*` (`w*` itself when nothing requires grad)."""
         w = w_star
         for _ in range(self.k):
             r = block.residual(w)
@@ -386,3 +414,37 @@ class Unroll(BackwardMode):
         raise NotImplementedError("Unroll differentiates the solver's iterations; see Unroll.solve.")
 
 
+
+
+# Optimised variables of at most this many entries a sample are checked for saddle points by their exact
+# Hessian (that many Hessian-vector products, once per solve); larger ones by a random probe.
+EXACT_CURVATURE_MAX_DIM = 32
+
+
+def _lowest_curvature(signed: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor) -> torch.Tensor | None:
+    """Per sample, whether the Hessian of `signed` (`(B,)` from `(B, ...)`) at `v` has a negative eigenvalue
+    beyond rounding (`(B,)` bool); `None` when the objective has no second derivative autograd can take."""
+    batch, n = v.shape[0], v[0].numel()
+    try:
+        with torch.enable_grad():
+            x = v.detach().requires_grad_()
+            (g,) = torch.autograd.grad(signed(x).sum(), x, create_graph=True, allow_unused=True)
+            if g is None or not g.requires_grad:  # linear in v: no curvature, no saddle
+                return torch.zeros(batch, dtype=torch.bool, device=v.device)
+            probe = torch.zeros_like(x).reshape(batch, n)
+            columns = []
+            for j in range(n):
+                probe.zero_()[:, j] = 1  # (each sample's Hessian in one product: samples are independent)
+                (hv,) = torch.autograd.grad(g, x, probe.reshape(x.shape), retain_graph=j < n - 1, allow_unused=True)
+                columns.append(torch.zeros_like(probe) if hv is None else hv.detach().reshape(batch, n))
+    except RuntimeError:  # an operation without a double backward
+        return None
+    hessian = torch.stack(columns, 2)
+    hessian = (hessian + hessian.mT) / 2
+    # A failed sample's NaN Hessian would make the batched eigensolver raise: it is not judged here (it failed).
+    finite = torch.isfinite(hessian).flatten(1).all(1)
+    hessian = torch.where(finite[:, None, None], hessian, torch.zeros_like(hessian))
+    eigenvalues = torch.linalg.eigvalsh(hessian.double() if hessian.dtype in (torch.float16, torch.bfloat16) else hessian)
+    scale = eigenvalues.abs().amax(1).clamp_min(1.0)
+    # A negative eigenvalue beyond the rounding of the products (√eps of the largest): descent exists there.
+    return eigenvalues[:, 0] < -(torch.finfo(v.dtype).eps ** 0.5) * scale

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._calls import InitSpec, batched_start, check_init, check_inputs
+from ._calls import InitSpec, batched_start, check_init, check_inputs, init_mapping
 from .backward import IFT, BackwardMode, BlockSolve
 from .nn._cache import cached_weights
 from .problem import Input, Problem, Variable
@@ -152,7 +152,7 @@ class ImplicitLayer(nn.Module):
         for node in outputs:
             if not isinstance(node, Variable) or node.name not in problem.variables:
                 raise ValueError(f"ImplicitLayer: output {node!r} is not a variable of the problem; variables are {sorted(problem.variables)}.")
-        init = dict(init or {})
+        init = init_mapping(init)
         absent = sorted(set(problem.variables) - set(init))
         if absent:
             raise ValueError(
@@ -212,7 +212,7 @@ class ImplicitLayer(nn.Module):
         for hook in interceptors:
             solver = hook.solver(solver) if hook.solver is not None else solver
             mode = hook.backward if hook.backward is not None else mode
-        overrides = dict(init or {})
+        overrides = init_mapping(init)
         if overrides:
             check_init(overrides, self.problem)
         with cached_weights():

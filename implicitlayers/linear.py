@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from .solvers import FixedPointIteration, IterativeMethod, SolveInfo, SolverConfig, apply_failure_policy
+from .solvers._info import Status
 from .solvers._linear import linear_system
 from .solvers._loop import iterate
 from .solvers._protocol import MatVec
@@ -65,10 +66,35 @@ class _Krylov(SolverConfig):
         # A nonzero start costs one product, counted like the loop's (SolveInfo.nfe counts every matvec).
         start_product = system.r0 is None
         r0 = system.matvec(system.x0) - b if start_product else system.r0
-        method = self._method(b, precond)
-        x, info = iterate(method, system.matvec, system.x0, name=name, hints=hints or self.linear_hints,
-                          scale=system.scale, r0=r0)
-        return x, dataclasses.replace(info, nfe=info.nfe + start_product) if start_product else info
+        hints = hints or self.linear_hints
+        # The policy is applied below, once the claimed convergence has been checked against the true residual.
+        method = dataclasses.replace(self, on_failure="ignore")._method(b, precond)
+        x, info = iterate(method, system.matvec, system.x0, name=name, hints=hints, scale=system.scale, r0=r0)
+        info = self._verified(info, system.matvec(x) - b, system.scale) if bool(info.converged.any()) else info
+        if start_product:
+            info = dataclasses.replace(info, nfe=info.nfe + 1)
+        apply_failure_policy(info, name=name, tol=self.tol, max_iter=self.max_iter, on_failure=self.on_failure, hints=hints)
+        return x, info
+
+    def _verified(self, info: SolveInfo, r_true: torch.Tensor, scale: torch.Tensor) -> SolveInfo:
+        """`info` with each claimed convergence checked against the true residual `A x − b` (one more product).
+
+        The methods track ‖A x − b‖ by a recurrence (GMRES from its small least-squares problem, CG from its
+        residual update). On an inconsistent singular system the estimate falls below `tol` while `x` runs off
+        to 1e30 and the true residual stays large; rounding drift also separates the two. A sample whose true
+        measure exceeds ten times `tol` (the slack leaves rounding-level drift alone) is reported `STALLED`,
+        with its true measure as its residual.
+        """
+        norm = torch.linalg.vector_norm(r_true, dim=1, dtype=scale.dtype if scale.dtype != r_true.dtype else None)
+        measure = norm / scale if self.stop == "rel" else norm
+        false = info.converged & ~(measure <= 10 * self.tol)  # (a NaN measure is not within)
+        if not bool(false.any()):
+            return dataclasses.replace(info, nfe=info.nfe + 1)
+        return dataclasses.replace(
+            info, nfe=info.nfe + 1, converged=info.converged & ~false,
+            residual=torch.where(false, torch.nan_to_num(measure.to(info.residual.dtype), nan=float("inf")), info.residual),
+            status=torch.where(false, int(Status.STALLED), 0 if info.status is None else info.status),
+        )
 
     def _check_precond(self, who: str, precond: torch.Tensor | None) -> None:
         """Reject a preconditioner the method cannot use (nothing by default)."""

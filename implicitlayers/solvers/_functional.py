@@ -41,6 +41,14 @@ def _flat_residual(fn: Callable[[torch.Tensor], torch.Tensor], shape: torch.Size
         if not isinstance(value, torch.Tensor) or value.shape != shape:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"{who}: the function returned {got} for an input of shape {tuple(shape)}; it must return the same shape.")
+        if value.dtype != w.dtype and not value.is_floating_point():
+            # A complex (or integer, bool) result cast to the start's real dtype would drop its imaginary part
+            # (or fractions) and solve another problem; only a floating dtype is cast.
+            raise TypeError(
+                f"{who}: the function returned {value.dtype} for a {w.dtype} input; it must return a real floating "
+                f"tensor (the solve runs in the dtype of z0, {w.dtype}). For a complex problem, solve for the real "
+                "and imaginary parts stacked as real numbers (torch.view_as_real)."
+            )
         value = value.reshape(shape[0], -1)
         if value.dtype != w.dtype:  # the solve runs in the start's dtype (e.g. a float64 map, or autocast's bfloat16)
             value = value.to(w.dtype)

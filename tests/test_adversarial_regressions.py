@@ -1,0 +1,175 @@
+"""Regressions for adversarial cases that once broke "correct or reported, never silently wrong".
+
+Each test is one case found by probing the public API, fixed in the core; before the fix each of them
+failed as its docstring says.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import implicitlayers as il
+
+F64 = torch.float64
+
+
+def _caught(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [w for w in caught if issubclass(w.category, il.ConvergenceWarning)]
+
+
+@pytest.mark.parametrize("solver", [il.Anderson, il.Broyden])
+@pytest.mark.parametrize("dim", [2, 8, 20])
+def test_a_saddle_with_one_direction_of_descent_is_never_reported_a_minimum(solver, dim):
+    """`‖v − y‖² − 2 (v₀ − y₀)²` has a saddle at `v = y` and no minimum. A single random probe direction
+    rarely finds the one direction of descent in 8 dimensions: the saddle was returned as "converged"."""
+    y_, v_ = il.Input("y"), il.Variable("v")
+
+    def objective(v, y):
+        return ((v - y) ** 2).sum(1) - 2 * (v[:, 0] - y[:, 0]) ** 2
+
+    layer = il.ImplicitLayer(il.Problem([il.Minimize(v_, objective, (v_, y_), step_size=0.1)]), y_, v_,
+                             solver=solver(tol=1e-10, stop="abs", max_iter=300), init={"v": torch.zeros(dim, dtype=F64)})
+    y = torch.randn(3, dim, dtype=F64, generator=torch.Generator().manual_seed(1))
+    v, warned = _caught(lambda: layer(y))
+    (info,) = layer.last_solution.info.values()
+    at_saddle = (v - y).abs().amax(1) < 1e-6
+    assert bool(at_saddle.any())  # the root finders do reach the saddle ...
+    assert not bool((info.converged & at_saddle).any())  # ... and it is never called a minimum
+    assert all(c == "not_optimal" for c, s in zip(info.causes, at_saddle.tolist()) if s)
+    assert warned  # reported, with the default on_failure="warn"
+
+
+def test_a_minimum_with_flat_directions_is_still_a_minimum():
+    """The exact-Hessian saddle test leaves positive semi-definite curvature alone (a flat valley is optimal)."""
+    y_, v_ = il.Input("y"), il.Variable("v")
+
+    def objective(v, y):  # curvature 2 along v₀, 0 along the rest: every v with v₀ = y₀ is a minimum
+        return (v[:, 0] - y[:, 0]) ** 2 + 0 * v.sum(1)
+
+    layer = il.ImplicitLayer(il.Problem([il.Minimize(v_, objective, (v_, y_), step_size=0.25)]), y_, v_,
+                             solver=il.Anderson(tol=1e-10, stop="abs", max_iter=100), init={"v": torch.zeros(5, dtype=F64)})
+    y = torch.randn(4, 5, dtype=F64, generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        v = layer(y)
+    torch.testing.assert_close(v[:, 0], y[:, 0])
+    assert bool(layer.last_solution.info["block 0 (v)"].converged.all())
+
+
+def test_gmres_checks_its_claimed_convergence_against_the_true_residual():
+    """On an inconsistent singular system (sample 1: `A = e₀e₀ᵀ`) GMRES's least-squares estimate falls below
+    tol while `x` runs off to 1e31: it was reported converged with a true residual of 13."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 4, dtype=F64, generator=g)
+    a = q @ q.mT + 4 * torch.eye(4, dtype=F64)
+    a[1] = 0.0
+    a[1, 0, 0] = 1.0
+    b = torch.randn(3, 4, dtype=F64, generator=g)
+
+    def matvec(x):
+        return (a @ x[:, :, None])[:, :, 0]
+
+    (x, info), warned = _caught(lambda: il.linear.GMRES(tol=1e-12, stop="abs").solve_linear(matvec, b))
+    true = torch.linalg.vector_norm(matvec(x) - b, dim=1)
+    assert info.converged.tolist() == [True, False, True]
+    assert info.causes[1] == "stalled" and warned
+    torch.testing.assert_close(info.residual[1], true[1])  # the reported residual is the true one
+    assert bool((true[[0, 2]] < 1e-10).all())
+
+
+def test_an_ift_gradient_at_a_singular_jacobian_is_reported_and_zeroed_with_gmres():
+    """`v₀² = y₀` at `y₀ = 0` is a double root (singular Jacobian): `IFT(solver=GMRES)` returned a gradient of
+    −1.3e16 silently; now, as with `Dense`, the sample is reported and its gradient zeroed."""
+    y_, v_ = il.Input("y"), il.Variable("v")
+
+    def equations(v, y):
+        return torch.stack([v[:, 0] ** 2 - y[:, 0], v[:, 1] - y[:, 1]], 1)
+
+    for linear in (il.linear.GMRES(), il.linear.Dense()):
+        layer = il.ImplicitLayer(il.Problem([il.Root(v_, equations, (v_, y_))]), y_, v_, init={"v": torch.ones(2, dtype=F64)},
+                                 solver=il.Broyden(tol=1e-12, stop="abs", max_iter=200, on_failure="ignore"),
+                                 backward=il.IFT(solver=linear))
+        y = torch.tensor([[0.0, 1.0], [4.0, 1.0]], dtype=F64, requires_grad=True)
+        v = layer(y)
+        (grad,), warned = _caught(lambda: torch.autograd.grad(v.sum(), y))
+        assert warned, type(linear).__name__
+        assert grad[0].tolist() == [0.0, 0.0]
+        torch.testing.assert_close(grad[1], torch.tensor([1 / (2 * 2.0), 1.0], dtype=F64))
+
+
+@pytest.mark.parametrize("solve", [il.fixed_point, il.root])
+def test_a_complex_result_is_refused_not_cast_to_real(solve):
+    """`z = 0.5 z + 1j` has its fixed point at 2j; casting the result to real dropped the imaginary part and
+    reported 0 as converged."""
+    with pytest.raises(TypeError, match="complex128.*real floating"):
+        solve(lambda z: 0.5 * z + 1j, torch.zeros(2, 2, dtype=F64))
+
+
+@pytest.mark.parametrize("init, message", [
+    ([torch.zeros(2)], "init must be a dict .* got list"),
+    (torch.zeros(2), "init must be a dict .* got Tensor"),
+    ({il.Variable("v"): torch.zeros(2)}, r"init keys must be variable names \(str\), got Variable\('v'\) \(use its name, 'v'\)"),
+])
+def test_an_init_of_the_wrong_container_says_what_it_must_be(init, message):
+    y_, v_ = il.Input("y"), il.Variable("v")
+    problem = il.Problem([il.FixedPoint(v_, lambda v, y: 0.5 * v + y, (v_, y_))])
+    with pytest.raises(TypeError, match=message):
+        il.ImplicitLayer(problem, y_, v_, init=init)
+    layer = il.ImplicitLayer(problem, y_, v_, init={"v": torch.zeros(2)})
+    with pytest.raises(TypeError, match=message):
+        layer.solve(torch.ones(2, 2), init=init)
+
+
+def test_an_empty_per_sample_shape_has_an_empty_gradient():
+    """A DEQ on `(2, 0)` inputs solved forward, then its dense IFT backward raised a bare IndexError."""
+    x = torch.zeros(2, 0, requires_grad=True)
+    z = il.DEQ(lambda z, x: 0.5 * z + x)(x)
+    (grad,) = torch.autograd.grad(z.sum(), x)
+    assert grad.shape == (2, 0)
+
+
+def test_phantom_keeps_a_non_finite_sample_out_of_the_shared_gradient():
+    """One sample's cell is NaN (`log` of a negative input): Phantom made a shared parameter's gradient NaN
+    for the whole batch, though the loss reads only the healthy sample. Its gradient is now Phantom's
+    gradient of the healthy sample alone."""
+    def run(x):
+        weight = torch.tensor(0.5, dtype=F64, requires_grad=True)
+        deq = il.DEQ(lambda z, x: weight * z + torch.log(x), backward=il.Phantom(k=30, damping=1.0),
+                     solver=il.Anderson(tol=1e-12, stop="abs", max_iter=100, on_failure="ignore"))
+        (grad,) = torch.autograd.grad(deq(x)[0].sum(), weight)
+        return grad
+
+    healthy = torch.tensor([[2.0, 3.0]], dtype=F64)
+    mixed = torch.tensor([[2.0, 3.0], [-1.0, 3.0]], dtype=F64)
+    grad = run(mixed)
+    assert torch.isfinite(grad)
+    torch.testing.assert_close(grad, run(healthy))
+    # 30 undamped steps of a map with contraction 0.5: within 1e-8 of the exact d/dW Σ log(x) / (1 − W).
+    torch.testing.assert_close(grad, (torch.log(healthy) / 0.25).sum(), rtol=1e-7, atol=0)
+
+
+def test_phantom_returns_the_same_value_whether_or_not_an_input_requires_grad():
+    """The layer returned the solver's iterate without grad but `k` more damped steps from it with grad,
+    which for a sample with no minimum (a linear objective) moved it from 0 to −12.5."""
+    y_, a_, v_ = il.Input("y"), il.Input("a"), il.Variable("v")
+
+    def objective(v, y, a):  # sample 1 (a = 0) is linear in v: unbounded below
+        return (a * (v - y) ** 2).sum(1) + ((1 - a) * v).sum(1)
+
+    layer = il.ImplicitLayer(il.Problem([il.Minimize(v_, objective, (v_, y_, a_), step_size=0.25)]), [y_, a_], v_,
+                             solver=il.Anderson(tol=1e-10, stop="abs", max_iter=100, on_failure="ignore"),
+                             backward=il.Phantom(k=50, damping=1.0), init={"v": torch.zeros(2, dtype=F64)})
+    y = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=F64)
+    a = torch.tensor([[1.0, 1.0], [0.0, 0.0]], dtype=F64)
+    plain = layer(y, a)
+    y_grad = y.clone().requires_grad_()
+    with_grad = layer(y_grad, a)
+    assert torch.equal(plain, with_grad.detach())
+    (grad,) = torch.autograd.grad(with_grad[0].sum(), y_grad)
+    torch.testing.assert_close(grad[0], torch.ones(2, dtype=F64))  # v* = y for the healthy sample
