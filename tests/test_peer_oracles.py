@@ -1151,3 +1151,36 @@ def test_cvxpylayers_gradients_reach_constraint_parameters():
             want = torch.autograd.grad((exact * w).sum(), wrt, retain_graph=True)
             for g_, w_ in zip(got, want):
                 torch.testing.assert_close(g_, w_, rtol=0, atol=1e-10)
+
+
+def test_optimistix_fixed_point_zoo_as_roots_by_broyden():
+    """optimistix `tests/test_root_find.py` solves its fixed-point zoo (`helpers.py`) as roots of
+    `fn(y) − y` with atol 1e-8 and 256 steps: `_cos`, `_exponential`, the linear midpoint steps in y-, f-
+    and k-space (28 unknowns, `M` normal) and the Robertson midpoint steps, by Broyden in both sign
+    conventions (`f(y) − y` and `y − f(y)`), plus the nonlinear heat step as `y − f(y)` (as `f(y) − y`
+    it needs over 256 steps: /tmp/reports/peer_5.py). Each answer satisfies `f(y) = y`."""
+    M = torch.randn(28, 28, generator=torch.Generator().manual_seed(19), dtype=F64)
+    dt = 1 / 16
+    k = torch.tensor([[0.04, 3e7, 1e4]], dtype=F64)
+    half = torch.full((1, 28), 0.5, dtype=F64)
+    zoo = {
+        "cos": (torch.cos, half),
+        "exponential": (lambda y: torch.exp(-y), half),
+        "midpoint_y": (lambda y: dt * (0.5 * y) @ M.T, half),
+        "midpoint_f": (lambda y: (dt * y) @ M.T, half),
+        "midpoint_k": (lambda y: dt * (y @ M.T), half),
+        "robertson_y": (lambda y: 1e-8 * _robertson(0.5 * y, k), torch.ones(1, 3, dtype=F64)),
+        "robertson_f": (lambda y: _robertson(1e-8 * y, k), torch.ones(1, 3, dtype=F64)),
+        "robertson_k": (lambda y: 1e-8 * _robertson(y, k), torch.ones(1, 3, dtype=F64)),
+    }
+    solver = il.Broyden(tol=1e-8, stop="abs", max_iter=256, on_failure="raise")
+    for name, (f, start) in zoo.items():
+        for sign in (1.0, -1.0):
+            sol = il.root(lambda y: sign * (f(y) - y), start, solver=solver)
+            assert float((f(sol.value) - sol.value).abs().max()) < 1e-7, name
+    x = torch.linspace(-1, 1, 100, dtype=F64)
+    y0 = x**2
+    f0 = (1 - y0) * y0
+    sol = il.root(lambda y: y - (y0 + 0.5 * ((1 - y) * y + f0)), torch.ones(1, 100, dtype=F64), solver=solver)
+    exact = -0.5 + torch.sqrt(0.25 + 2 * (y0 + 0.5 * f0))
+    torch.testing.assert_close(sol.value[0], exact, rtol=0, atol=1e-7)
