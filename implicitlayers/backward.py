@@ -203,7 +203,7 @@ class BlockSolve:
     def reads_grad(self, w_star: torch.Tensor) -> bool | None:
         """Whether the block's solution depends on anything that requires a gradient.
 
-        `True` when an outer tensor requires grad. Otherwise only the user's functions can tell (they
+        `True` when an outer tensor or a constraint set's tensor requires grad. Otherwise only the user's functions can tell (they
         may capture parameters): a block with objectives evaluates them once at `w*` (its residual
         always carries a graph through the objective's internal VJP, so it cannot tell); for a block of
         equations only, `None` means "look at whether `R(w*)` requires grad", which costs nothing extra.
@@ -225,6 +225,9 @@ class BlockSolve:
             return True
         if not self.system.objectives:
             return None
+        # A constraint set's bounds or centre may be learnable: the projection differentiates into them.
+        if any(t.requires_grad for c in self.system.objectives if c.constraint is not None for t in c.constraint.tensors().values()):
+            return True
         return self.system.reads_grad(w_star, self.outer)
 
 
@@ -343,12 +346,14 @@ class Phantom(BackwardMode):
             raise ValueError(f"Phantom: damping must lie in (0, 1], got {self.damping!r}.")
 
     def attach(self, block: BlockSolve, w_star: torch.Tensor) -> torch.Tensor:
-        """`w*` with the gradient of `k` damped steps from it.
+        """`k` damped steps of the block's map from the detached `w*`, recorded by autograd.
 
-        The value is `w*` itself (straight through: `w* + (w_k − w_k.detach())`), so a call returns the same
-        numbers whether or not an input requires grad, even for a sample that failed, whose steps may move
-        far. A sample whose steps turn non-finite gets no gradient and does not make the other samples'
-        shared gradients NaN (its NaN would multiply their zero cotangents in every shared operation).
+        The output is that last step (as in torchdeq's phantom gradient, and what the random intermediate
+        states of `implicitlayers.robust` train through): for a converged sample it agrees with `w*` to the
+        solver's tolerance; for a failed one (reported in its `SolveInfo`) it can move away. Without anything
+        that requires grad the output is `w*`. A sample whose steps turn non-finite gets `w*`, no gradient,
+        and does not make the other samples' shared gradients NaN (its NaN would multiply their zero
+        cotangents in every shared operation).
         """
         w = self._steps(block, w_star)
         if w is w_star:
@@ -358,7 +363,7 @@ class Phantom(BackwardMode):
             keep = finite.nonzero()[:, 0]
             w_keep = self._steps(block.subset(keep), w_star.index_select(0, keep))
             w = w_star.detach().index_copy(0, keep, w_keep)
-        return w_star.detach() + (w - w.detach())
+        return w
 
     def _steps(self, block: BlockSolve, w_star: torch.Tensor) -> torch.Tensor:
         """`k` damped steps of the block's map from the detached `w*` (`w*` itself when nothing requires grad)."""

@@ -176,7 +176,8 @@ class Minimize(Condition):
     stationarity).
 
     Args:
-        constraint: an `il.sets` set; the residual becomes `v − Π(v − step_size · ∇)`.
+        constraint: an `il.sets` set; the residual becomes the gradient mapping
+            `(v − Π(v − step_size · ∇)) / step_size` (`∇` wherever the set is inactive).
         total: total (KKT) or partial semantics.
         step_size: the gradient step α of the fixed-point map `v ← Π(v − α ∇)` (Picard/Anderson; with a
             constraint also inside the residual). `"auto"` (default) sets `α = 1 / λ` per sample at the
@@ -220,7 +221,7 @@ class Minimize(Condition):
     @property
     def fixed_step(self) -> float:
         """The step size used where no per-sample estimate is at hand: `step_size`, or `1.0` for `"auto"`
-        (e.g. the natural residual `v − Π(v − ∇)` that `BlockSystem.residual` measures without one)."""
+        (e.g. the gradient mapping `v − Π(v − ∇)` that `BlockSystem.residual` measures without one)."""
         return 1.0 if isinstance(self.step_size, str) else self.step_size
 
 

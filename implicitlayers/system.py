@@ -9,9 +9,11 @@ adjoint variables of its total objectives. For a total `Minimize(v, L)` with equ
     R_v = ∂L/∂v − (∂c/∂v)ᵀ μ          (for c = z − f:  ∂L/∂v + J_vᵀ μ)
 
 both read off one vector–Jacobian product of `φ = Σ_e ⟨μ_e, c_e⟩ − L`: `R_μ = ∇_E φ`, `R_v = −∇_v φ`.
-A constraint set replaces `R_v` by the natural residual `v − Π(v − α R_v)`, computed by the set without
-cancellation (`ConstraintSet.natural_residual`): as a plain difference it rounds to 0 far out along an
-unbounded direction and would report a point far from the solution as converged.
+A constraint set replaces `R_v` by the gradient mapping `(v − Π(v − α R_v)) / α` (`R_v` itself wherever
+the set is inactive, so a constraint that never binds leaves the stopping test as it was), its natural
+residual computed by the set without cancellation (`ConstraintSet.natural_residual`): as a plain
+difference it rounds to 0 far out along an unbounded direction and would report a point far from the
+solution as converged.
 """
 
 from __future__ import annotations
@@ -115,8 +117,10 @@ class BlockSystem:
             if isinstance(cond, Minimize) and cond.constraint is not None:
                 cond.constraint.check_shape(tuple(shapes[name]), f"{type(cond).__name__}({name}) in {self.name}")
             if isinstance(cond, Minimize):
-                # An "auto" step is per sample: `preconditioner(like, steps)` fills it in at each solve.
-                damping = 1.0 if cond.constraint is not None else cond.fixed_step
+                # An "auto" step is per sample: `preconditioner(like, steps)` fills it in at each solve. A
+                # constrained variable's residual is the gradient mapping (v − Π(v − α∇)) / α, so with this
+                # step its map is the projected step v ← Π(v − α∇), as an unconstrained one's is v ← v − α∇.
+                damping = cond.fixed_step
             else:
                 damping = cond.damping
             add(name, tuple(shapes[name]), damping)
@@ -160,9 +164,7 @@ class BlockSystem:
     def preconditioner(self, like: torch.Tensor, steps: "StepSizes | None" = None) -> torch.Tensor | None:
         """The diagonal `P` of the map `F(w) = w − P ⊙ R(w)`: `(D,)`, or `None` when it is all ones; with
         per-sample `steps` (of `step_size="auto"` objectives, see `step_sizes`) it is `(B, D)`."""
-        per_sample = {} if steps is None else {
-            name: alpha for name, alpha in steps.values.items() if self.conditions_by_name[name].constraint is None
-        }
+        per_sample = {} if steps is None else dict(steps.values)
         if not per_sample:
             if all(s.damping == 1.0 for s in self.slots.values()):
                 return None
@@ -377,9 +379,9 @@ class BlockSystem:
                 Unroll backward passes); otherwise the result is detached.
             equations_only: skip the objectives (first-order IFT treats optimised variables as constants).
             steps: the per-sample step sizes of `step_size="auto"` objectives (`step_sizes`), which a
-                constrained objective's natural residual `v − Π(v − α∇)` reads; without them such an
-                objective's residual is taken at `α = 1` (`Minimize.fixed_step`). A solve and its
-                backward pass must use the same.
+                constrained objective's residual, the gradient mapping `(v − Π(v − α∇)) / α`, reads;
+                without them such an objective's residual is taken at `α = 1` (`Minimize.fixed_step`). A
+                solve and its backward pass must use the same.
             gradients: the (total) gradient in a constrained objective's rows instead of its natural
                 residual (for curvature estimates).
         """
@@ -503,8 +505,11 @@ class BlockSystem:
                     raise self._independent_objective(cond)
                 gradient = g
             if cond.constraint is not None and not gradients:
+                # The gradient mapping (v − Π(v − α∇)) / α: ∇ itself wherever the set is inactive, so declaring a
+                # constraint that never binds leaves the stopping test as it was (v − Π(v − α∇) alone would be
+                # α∇ there, a test 1/α times looser: with α = 1/300 a minimiser 3x off passed as converged).
                 alpha = steps.step_of(cond, v) if steps is not None else cond.fixed_step
-                out[v_name] = cond.constraint.natural_residual(v, alpha * gradient)
+                out[v_name] = cond.constraint.natural_residual(v, alpha * gradient) / alpha
             else:
                 out[v_name] = gradient
         return out

@@ -154,22 +154,42 @@ def test_phantom_keeps_a_non_finite_sample_out_of_the_shared_gradient():
     torch.testing.assert_close(grad, (torch.log(healthy) / 0.25).sum(), rtol=1e-7, atol=0)
 
 
-def test_phantom_returns_the_same_value_whether_or_not_an_input_requires_grad():
-    """The layer returned the solver's iterate without grad but `k` more damped steps from it with grad,
-    which for a sample with no minimum (a linear objective) moved it from 0 to −12.5."""
-    y_, a_, v_ = il.Input("y"), il.Input("a"), il.Variable("v")
+def test_learnable_bounds_get_their_gradient_when_nothing_else_requires_grad():
+    """`argmin ½‖v − x‖²` over `Box(lo, hi)` is `clamp(x, lo, hi)`: with constant data and learnable bounds the
+    output did not require grad and the bounds' gradient was silently missing."""
+    x = torch.tensor([[0.3, -1.2, 0.9, -0.1, 2.0]], dtype=F64)
+    lo = torch.full((5,), -0.7, dtype=F64, requires_grad=True)
+    hi = torch.full((5,), 0.7, dtype=F64, requires_grad=True)
+    x_, v_ = il.Input("x"), il.Variable("v")
+    problem = il.Problem([il.Minimize(v_, lambda v, x: 0.5 * ((v - x) ** 2).sum(1), (v_, x_), il.sets.Box(lo, hi), step_size=0.5)])
+    layer = il.ImplicitLayer(problem, x_, v_, solver=il.Anderson(tol=1e-12, stop="abs", max_iter=100),
+                             init={"v": torch.zeros(5, dtype=F64)})
+    weights = torch.arange(1, 6, dtype=F64)
+    out = layer(x)
+    assert out.requires_grad
+    got = torch.autograd.grad((out * weights).sum(), [lo, hi])
+    assert got[0].tolist() == [0.0, 2.0, 0.0, 0.0, 0.0]
+    assert got[1].tolist() == [0.0, 0.0, 3.0, 0.0, 5.0]
 
-    def objective(v, y, a):  # sample 1 (a = 0) is linear in v: unbounded below
-        return (a * (v - y) ** 2).sum(1) + ((1 - a) * v).sum(1)
 
-    layer = il.ImplicitLayer(il.Problem([il.Minimize(v_, objective, (v_, y_, a_), step_size=0.25)]), [y_, a_], v_,
-                             solver=il.Anderson(tol=1e-10, stop="abs", max_iter=100, on_failure="ignore"),
-                             backward=il.Phantom(k=50, damping=1.0), init={"v": torch.zeros(2, dtype=F64)})
-    y = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=F64)
-    a = torch.tensor([[1.0, 1.0], [0.0, 0.0]], dtype=F64)
-    plain = layer(y, a)
-    y_grad = y.clone().requires_grad_()
-    with_grad = layer(y_grad, a)
-    assert torch.equal(plain, with_grad.detach())
-    (grad,) = torch.autograd.grad(with_grad[0].sum(), y_grad)
-    torch.testing.assert_close(grad[0], torch.ones(2, dtype=F64))  # v* = y for the healthy sample
+@pytest.mark.parametrize("solver", [il.Anderson(), il.Broyden(), il.Anderson(tol=1e-6, stop="abs")])
+def test_a_constraint_that_never_binds_changes_neither_the_answer_nor_the_stopping_test(solver):
+    """`min ¼v⁴ − 10⁻³ v` from 10 (v* = 0.1; "auto" takes α = 1/300 there): with `Box(−100, 100)`, never
+    active, the residual `v − Π(v − α∇)` was α∇, and 0.31 passed as converged. The gradient mapping is ∇."""
+    def solve(constraint):
+        x_, v_ = il.Input("x"), il.Variable("v")
+        problem = il.Problem([il.Minimize(v_, lambda v, x: (0.25 * v**4 - x * v).sum(1), (v_, x_), constraint)])
+        layer = il.ImplicitLayer(problem, x_, v_, solver=solver, init={"v": torch.full((1,), 10.0, dtype=F64)})
+        return layer(torch.full((1, 1), 1e-3, dtype=F64))
+
+    free, boxed = solve(None), solve(il.sets.Box(-100.0, 100.0))
+    torch.testing.assert_close(boxed, free, rtol=1e-10, atol=0)
+    assert abs(float(boxed) - 0.1) < 0.003
+
+
+@pytest.mark.parametrize("solve", [il.fixed_point, il.root])
+def test_a_map_that_modifies_its_input_in_place_is_refused(solve):
+    """`z.mul_(0.5).add_(1)` makes `z − f(z)` compare the mutated `z` with itself: exactly 0 at the first
+    evaluation, and `f(z0)` was returned as converged (the fixed point is 2)."""
+    with pytest.raises(ValueError, match="modified its input in place"):
+        solve(lambda z: z.mul_(0.5).add_(1.0), torch.zeros(2, 3, dtype=F64))

@@ -37,7 +37,14 @@ def _flat_residual(fn: Callable[[torch.Tensor], torch.Tensor], shape: torch.Size
                    fixed: bool) -> ResidualFn | WritesInto:
     def residual(w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         z = w.reshape(shape)
+        version = None if w.is_inference() else w._version  # (inference tensors keep no version counter)
         value = fn(z)
+        if version is not None and w._version != version:
+            # z − f(z) would compare the mutated z with itself: exactly 0, a "converged" wrong answer.
+            raise ValueError(
+                f"{who}: the function modified its input in place (e.g. z.mul_(...), z += ..., torch.relu_(z)); "
+                "it must return a new tensor and leave its input unchanged (use the out-of-place ops: z * 0.5, torch.relu(z))."
+            )
         if not isinstance(value, torch.Tensor) or value.shape != shape:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"{who}: the function returned {got} for an input of shape {tuple(shape)}; it must return the same shape.")
