@@ -207,6 +207,35 @@ def test_jiio_maximize_of_the_negated_objective_is_the_same_point_and_x0_is_only
         jiio(y, x0=torch.ones(2, 2, dtype=F64))
 
 
+@pytest.mark.parametrize("constraint", [il.sets.L2Ball(0.5), il.sets.LInfBall(0.3)], ids=["l2", "linf"])
+def test_jiio_in_a_ball_is_the_projection_of_the_isotropic_optimum(constraint):
+    # ‖2x − y‖² + 0.5‖x‖² is isotropic around 2y/4.5, so the constrained optimum is its projection.
+    y = torch.tensor([[1.0, 2.0, -1.0], [0.1, 0.0, 0.2]], dtype=F64)
+    jiio = il.JIIO(cell=lambda z, x: 0.5 * z + x, head=lambda z: z,
+                   objective=lambda out, t, x: ((out - t) ** 2).sum(1) + 0.5 * (x**2).sum(1),
+                   input_shape=3, state_shape=3, step_size=0.1, constraint=constraint, solver=_tight(max_iter=500))
+    x_star, z_star = jiio(y)
+    free = 2 * y / 4.5
+    if isinstance(constraint, il.sets.L2Ball):
+        expected = free * (0.5 / free.norm(dim=1, keepdim=True)).clamp(max=1.0)
+    else:
+        expected = free.clamp(-0.3, 0.3)
+    torch.testing.assert_close(x_star, expected, rtol=0, atol=1e-10)
+    torch.testing.assert_close(z_star, 2 * x_star, rtol=0, atol=1e-10)
+
+
+def test_jiio_context_reaches_cell_and_head_and_its_gradient_is_exact():
+    # z = 0.5 z + x + c, i.e. z = 2(x + c): x* = 2(y − 2c)/4.5, so ∂x*/∂c = −4/4.5.
+    y = torch.tensor([[1.0, 2.0, -1.0], [0.1, 0.0, 0.2]], dtype=F64)
+    c = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    jiio = il.JIIO(cell=lambda z, x, c: 0.5 * z + x + c, head=lambda z, c: z,
+                   objective=lambda out, t, x: ((out - t) ** 2).sum(1) + 0.5 * (x**2).sum(1),
+                   input_shape=3, state_shape=3, step_size=0.1, solver=_tight(max_iter=500))
+    x_star, _ = jiio(y, c)
+    torch.testing.assert_close(x_star, 2 * (y - 2 * c) / 4.5, rtol=0, atol=1e-10)
+    torch.testing.assert_close(torch.autograd.grad(x_star.sum(), c)[0], torch.full((2, 3), -4 / 4.5, dtype=F64), rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize(
     "options, error, match",
     [
@@ -741,6 +770,63 @@ def test_trades_and_accuracy_against_hand_computations():
         robust.accuracy(eye, torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
     with pytest.raises(ValueError, match=r"accuracy: x has 4 samples \(shape \(4, 2\)\) but y has 3 samples"):
         robust.accuracy(eye, torch.zeros(4, 2), torch.zeros(3, dtype=torch.long))
+
+
+def test_deq_classifier_states_are_the_solver_iterates():
+    W = 0.3 * torch.randn(4, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    encoder, head = nn.Linear(3, 4).double(), nn.Linear(4, 2).double()
+    deq = il.DEQ(lambda z, u: torch.tanh(z @ W.T + u), solver=il.FixedPointIteration(tol=1e-12, stop="abs", max_iter=100))
+    x = torch.rand(2, 3, dtype=F64)
+    states = robust.DEQClassifier(encoder, deq, head).states(x, 5)
+    u, z = encoder(x).detach(), torch.zeros(2, 4, dtype=F64)
+    expected = [z]
+    for _ in range(5):
+        z = torch.tanh(z @ W.T + u)
+        expected.append(z)
+    assert len(states) == 6
+    for a, e in zip(states, expected):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-15)
+
+
+def test_random_intermediate_states_is_a_phantom_from_the_drawn_budget_and_ends_cleanly():
+    # Linear cell, Picard: z_T = T Picard steps, then k = 2 damped steps (value and gradient).
+    W = 0.3 * torch.randn(3, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    deq = il.DEQ(lambda z, u: z @ W.T + u, solver=il.FixedPointIteration(tol=1e-12, stop="abs", max_iter=100))
+    model = nn.Sequential(deq).train()
+    u = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    with robust.random_intermediate_states(model, max_steps=6, k=2, damping=0.5, generator=torch.Generator().manual_seed(1)) as mode:
+        out = model(u)
+    z = torch.zeros(2, 3, dtype=F64)
+    for _ in range(mode.budgets[-1]):
+        z = z @ W.T + u.detach()
+    for _ in range(2):
+        z = 0.5 * z + 0.5 * (z @ W.T + u.detach())
+    torch.testing.assert_close(out, z, rtol=0, atol=1e-14)
+    M = 0.5 * torch.eye(3, dtype=F64) + 0.5 * W
+    expected = torch.ones(2, 3, dtype=F64) @ (0.5 * (torch.eye(3, dtype=F64) + M))
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), u)[0], expected, rtol=0, atol=1e-14)
+    exact = torch.linalg.solve(torch.eye(3, dtype=F64) - W, u.detach().T).T  # the mode has ended
+    torch.testing.assert_close(model(u), exact, rtol=0, atol=1e-10)
+    assert deq.solver.max_iter == 100 and isinstance(deq.backward_mode, il.IFT)
+    with pytest.raises(ValueError, match=r"random_intermediate_states: damping must lie in \(0, 1\], got 1.5"):
+        robust.random_intermediate_states(model, damping=1.5)
+    with pytest.raises(ValueError, match="random_intermediate_states: Linear contains no il.ImplicitLayer"):
+        robust.random_intermediate_states(nn.Linear(2, 2))
+
+
+def test_set_fixed_point_budget_caps_every_deq_and_names_bad_budgets():
+    pytest.importorskip("flwr")
+    from implicitlayers.federated import set_fixed_point_budget
+
+    model = nn.Sequential(nn.Linear(3, 4), il.DEQ(lambda z, u: torch.tanh(0.5 * z + u), solver=il.Anderson(tol=1e-6, max_iter=50)))
+    original = model[1].solver
+    assert set_fixed_point_budget(model, 3) == 1
+    assert model[1].solver.max_iter == 3 and model[1].solver.on_failure == "ignore" and original.max_iter == 50
+    assert set_fixed_point_budget(nn.Linear(2, 2), 3) == 0
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"set_fixed_point_budget: the budget must be an integer >= 1, got {bad}"):
+            set_fixed_point_budget(model, bad)
 
 
 # ============================================================================ il.testing on the models
