@@ -304,6 +304,23 @@ def test_imaml_meta_gradient_on_linear_regression_is_the_normal_equation_gradien
     torch.testing.assert_close(got, _exact_meta_gradient(theta, X, Y, Qx, Qy, lam, bias), rtol=0, atol=1e-11)
 
 
+def test_imaml_phantom_meta_gradient_is_the_damped_neumann_sum_of_the_gradient_step_map():
+    # φ ← φ − α(∇L + λ(φ − θ)): k damped steps give dφ/dθ = τ α λ Σ_{j<k} M^j, M = I − τ α (H + λI).
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1, bias=False).double()
+    alpha, lam, tau, k = 0.1, 1.0, 0.5, 3
+    imaml = il.IMAML(model, lambda p, t: ((p - t) ** 2).mean(), lam=lam, step_size=alpha,
+                     backward=il.Phantom(k=k, damping=tau), solver=_tight(max_iter=500))
+    X, Y, _, _ = _regression(T=2)
+    cot = torch.randn(2, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
+    (got,) = torch.autograd.grad((imaml(X, Y)["weight"][:, 0, :] * cot).sum(), model.weight)
+    expected = torch.zeros(2, dtype=F64)
+    for t in range(2):
+        M = torch.eye(2, dtype=F64) - tau * alpha * (2 * X[t].T @ X[t] / 5 + lam * torch.eye(2, dtype=F64))
+        expected += cot[t] @ (tau * alpha * lam * sum(torch.linalg.matrix_power(M, j) for j in range(k)))
+    torch.testing.assert_close(got[0], expected, rtol=0, atol=1e-14)
+
+
 def test_imaml_gradchecks_in_support_data_and_copies_are_independent():
     torch.manual_seed(0)
     model = nn.Linear(2, 1).double()
@@ -787,6 +804,30 @@ def test_deq_classifier_states_are_the_solver_iterates():
     assert len(states) == 6
     for a, e in zip(states, expected):
         torch.testing.assert_close(a, e, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("on_input_change", ["lift", "continue", "restart"])
+def test_entropy_defence_with_a_zero_radius_is_the_plain_solve_and_its_bpda_gradient_is_the_classifiers(on_input_change):
+    W = 0.3 * torch.randn(4, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    encoder, head = nn.Linear(3, 4).double(), nn.Linear(4, 2).double()
+    deq = il.DEQ(lambda z, u: torch.tanh(z @ W.T + u), solver=il.FixedPointIteration(tol=1e-12, stop="abs", max_iter=300))
+    model = robust.DEQClassifier(encoder, deq, head)
+    x = torch.rand(2, 3, dtype=F64)
+    trace = robust.EntropyDefence(model, eps=0.0, steps=6, every=2, input_steps=3, on_input_change=on_input_change).defend(x)
+    u, z = encoder(x).detach(), torch.zeros(2, 4, dtype=F64)
+    for _ in range(6):
+        z = torch.tanh(z @ W.T + u)
+    torch.testing.assert_close(trace.logits, head(z), rtol=0, atol=1e-15)
+    assert torch.equal(trace.x, x) and len(trace.states) == 7
+    defence = robust.EntropyDefence(model, eps=0.1, steps=6, every=2, input_steps=3, on_input_change=on_input_change)
+    xr = x.clone().requires_grad_()
+    logits = defence(xr)
+    purified = defence.defend(x).x
+    assert (purified - x).abs().max() <= 0.1 + 1e-15
+    torch.testing.assert_close(logits, defence.defend(x).logits, rtol=0, atol=0)
+    p = purified.clone().requires_grad_()
+    torch.testing.assert_close(torch.autograd.grad(logits.sum(), xr)[0], torch.autograd.grad(model(p).sum(), p)[0], rtol=0, atol=1e-12)
 
 
 def test_random_intermediate_states_is_a_phantom_from_the_drawn_budget_and_ends_cleanly():
