@@ -17,6 +17,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
 from torch import nn
 
 import implicitlayers as il
@@ -24,6 +25,7 @@ import implicitlayers.robust as robust
 from implicitlayers.federated import quality_weights, weighted_average
 from implicitlayers.models.lyadeq import project_dynamics
 from implicitlayers.testing import check_batch_independence, check_gradients, check_solution
+from implicitlayers.testing import strategies as ils
 
 F64 = torch.float64
 
@@ -139,6 +141,18 @@ def test_deq_gradients_through_normalised_weights_equal_unrolled_backprop(norm):
     _unrolled(cell, x).pow(2).sum().backward()
     for a, e in zip(implicit, [p.grad for p in cell.parameters()]):
         torch.testing.assert_close(a, e, rtol=0, atol=1e-10)
+
+
+@settings(max_examples=10)
+@given(ils.contractive_cells(dtype=F64, linear=True))
+def test_deq_and_weight_tied_on_drawn_linear_contractions(c):
+    # DEQ: the exact fixed point. WeightTied from z₀ = 0: ‖z_k − z*‖ ≤ ρ^k ‖z*‖ per sample (ρ the contraction).
+    z_star = c.solution()
+    start = lambda x: x.new_zeros(x.shape[0], *c.z0.shape[1:])  # noqa: E731  (a callable: a (C, H, W) tensor could read as batched)
+    torch.testing.assert_close(il.DEQ(c.cell, solver=_tight(), z_init=start)(c.x), z_star, rtol=0, atol=1e-9)
+    z_k = il.WeightTied(c.cell, 5, z_init=start)(c.x)
+    err = (z_k - z_star).flatten(1).norm(dim=1)
+    assert bool((err <= c.contraction**5 * z_star.flatten(1).norm(dim=1) * (1 + 1e-9) + 1e-12).all())
 
 
 def test_deq_misuse_is_named():
@@ -342,6 +356,24 @@ def test_imaml_adapts_only_trainable_parameters():
     imaml = il.IMAML(model, lambda p, t: ((p - t) ** 2).mean(), lam=1.0, solver=_tight(max_iter=500))
     X, Y, _, _ = _regression()
     assert sorted(imaml(X, Y)) == ["weight"]
+
+
+@pytest.mark.parametrize(
+    "layer, match",
+    [
+        (nn.BatchNorm1d(4), "Batch norm got a batched tensor as input while the running_mean"),
+        (nn.Dropout(0.5), "vmap: called random operation while in randomness error mode"),
+    ],
+    ids=["batchnorm", "dropout"],
+)
+def test_imaml_train_mode_layers_that_cannot_be_vectorised_are_named_and_eval_mode_works(layer, match):
+    model = nn.Sequential(nn.Linear(2, 4), layer, nn.Tanh(), nn.Linear(4, 1))
+    imaml = il.IMAML(model, lambda p, t: ((p - t) ** 2).mean(), lam=1.0)
+    X, Y = torch.randn(3, 5, 2), torch.randn(3, 5, 1)
+    with pytest.raises(ValueError, match=r"IMAML: evaluating inner_loss\(model\(support_x\[t\]\), support_y\[t\]\) failed .*" + match):
+        imaml(X, Y)
+    model.eval()
+    assert imaml(X, Y)["0.weight"].shape == (3, 4, 2)
 
 
 def test_imaml_misuse_is_named():
