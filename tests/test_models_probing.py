@@ -936,3 +936,42 @@ def test_checks_catch_an_unconverged_solve_a_short_phantom_and_a_batch_mixing_ce
         warnings.simplefilter("ignore", il.ConvergenceWarning)
         with pytest.raises(AssertionError, match=r"check_batch_independence: 4 \(output, sample\) pair\(s\) depend on the rest"):
             check_batch_independence(mixing, x)
+
+
+class _WrongTanh(torch.autograd.Function):
+    """tanh with the identity as its backward: a wrong custom gradient inside a cell."""
+
+    @staticmethod
+    def forward(ctx, a):
+        return torch.tanh(a)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+@pytest.mark.parametrize(
+    "check, make, inputs, match",
+    [
+        (check_solution, lambda: il.JIIO(cell=lambda z, x: 0.5 * z + x, head=lambda z: z,
+                                         objective=lambda o, t, x: ((o - t) ** 2).sum(1) + 0.5 * (x**2).sum(1), input_shape=3,
+                                         state_shape=3, step_size=0.1, solver=il.Anderson(tol=1e-9, max_iter=2, on_failure="ignore")),
+         lambda: (torch.randn(2, 3),), r"(?s)check_solution: 2 condition\(s\) do not hold .*Minimize\(x\) in block 0 \(z, x\): 2/2 samples"),
+        (check_solution, lambda: il.IMAML(nn.Linear(2, 1), lambda p, t: ((p - t) ** 2).mean(), lam=1.0, step_size=0.01,
+                                          solver=il.FixedPointIteration(tol=1e-9, max_iter=2, on_failure="ignore")),
+         lambda: (torch.randn(2, 5, 2), torch.randn(2, 5, 1)), r"Minimize\(phi\) in block 0 \(phi\): 2/2 samples violate it"),
+        (check_solution, lambda: il.LyaDEQ(lambda z, x: torch.tanh(0.5 * z + x), 3, centre="origin", budget=3),
+         lambda: (torch.randn(2, 3),), "check_solution: running LyaDEQ called no ImplicitLayer.solve; nothing to check"),
+        (check_gradients, lambda: il.DEQ(lambda z, x: _WrongTanh.apply(0.5 * z + x), solver=il.Anderson(tol=1e-8, max_iter=100)),
+         lambda: (torch.randn(2, 3),), "check_gradients: the layer's gradients are wrong"),
+        (check_batch_independence, lambda: il.WeightTied(lambda z, x: 0.5 * z + x.mean(0, keepdim=True), 3),
+         lambda: (torch.randn(4, 3),), r"check_batch_independence: 4 \(output, sample\) pair\(s\) depend on the rest"),
+    ],
+    ids=["jiio-unconverged", "imaml-unconverged", "lyadeq-budget-has-no-solve", "wrong-custom-backward", "weight-tied-mixing"],
+)
+def test_checks_catch_what_is_wrong_with_a_model(check, make, inputs, match):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", il.ConvergenceWarning)
+        with pytest.raises(AssertionError, match=match):
+            check(make(), *inputs())
