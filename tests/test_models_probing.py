@@ -722,7 +722,7 @@ def test_quality_weights_against_hand_computations():
         (([-1, 2], [1, 1]), {}, r"num_examples\[0\] = -1; every value must be finite and non-negative"),
         (([1, 1], [float("inf"), 1]), {}, r"quality\[0\] = inf"),
         (([0, 0], [1, 1]), {}, "every client reported 0 examples"),
-        (([1, 1], [1, 2]), {"lower_is_better": True, "eps": 0}, "eps must be positive, got 0"),
+        (([1, 1], [1, 2]), {"lower_is_better": True, "eps": 0}, "quality_weights: eps must be positive.*got 0"),
     ],
 )
 def test_quality_weights_misuse_is_named(args, kwargs, match):
