@@ -37,7 +37,7 @@ def _modes() -> dict[str, il.backward.BackwardMode]:
         "IFT": il.IFT(solver=il.Anderson(**TIGHT)),
         "IFT-second-order": il.IFT(second_order=True),
         "IFT-first-order": il.IFT(first_order=True),
-        "Phantom": il.Phantom(k=200, damping=1.0),  # contracting map (|W| < 1): the k-step unroll is exact
+        "Phantom": il.Phantom(k=50, damping=1.0),  # the maps here contract (spectral radius ≤ 0.53): 50 steps are exact
         "Unroll": il.Unroll(),
     }
 
@@ -101,7 +101,7 @@ def _deq(mode: str, dtype: torch.dtype = F64, **solver) -> il.DEQ:
 def test_gradients_reach_inputs_and_closure_tensors_exactly(mode):
     layer, w = _linear(mode)
     x = _x().requires_grad_()
-    assert torch.autograd.gradcheck(layer, (x,), atol=1e-6)
+    assert torch.autograd.gradcheck(layer, (_x(2).requires_grad_(),), atol=1e-6)
     gw, gx = torch.autograd.grad(layer(x).pow(2).sum(), (w, x))
     w_ref, x_ref = w.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
     gw_ref, gx_ref = torch.autograd.grad(_closed(x_ref, w_ref).pow(2).sum(), (w_ref, x_ref))
@@ -136,7 +136,7 @@ def test_backward_twice_accumulation_and_hooks(mode):
 @pytest.mark.parametrize("mode", SECOND_ORDER)
 def test_gradgradcheck_and_a_gradient_penalty_on_a_closure_tensor(mode):
     layer, w = _linear(mode)
-    x = _x()
+    x = _x(2)
     assert torch.autograd.gradgradcheck(lambda x: layer(x).pow(2), (x.clone().requires_grad_(),), atol=1e-6)
     xr = x.clone().requires_grad_()
     (gx,) = torch.autograd.grad(layer(xr).pow(2).sum(), xr, create_graph=True)
@@ -161,7 +161,7 @@ def test_gradgradcheck_over_module_parameters_with_functional_call(mode):
     deq = il.DEQ(_NonlinearCell(), solver=il.Anderson(tol=1e-13, max_iter=300), backward=_modes()[mode])
     names = [n for n, _ in deq.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for p in deq.parameters())
-    x = _x(2)
+    x = _x(1)
 
     def f(*ps: torch.Tensor) -> torch.Tensor:
         return functional_call(deq, dict(zip(names, ps)), (x,))
@@ -208,7 +208,7 @@ def test_two_chained_blocks_reverse_forward_and_second_order(mode):
         with pytest.raises(NotImplementedError, match=r"block 1 \(u\).*second_order=True"):
             torch.autograd.gradgradcheck(lambda x: layer(x)[1], (x.clone().requires_grad_(),))
     else:
-        assert torch.autograd.gradgradcheck(lambda x: layer(x)[1], (x.clone().requires_grad_(),))
+        assert torch.autograd.gradgradcheck(lambda x: layer(x)[1], (x[:1].clone().requires_grad_(),))
 
 
 # ============================================================================ grad modes
@@ -459,10 +459,9 @@ def _quadratic(mode: str) -> tuple[il.ImplicitLayer, torch.Tensor]:
     q = _Q.clone().requires_grad_()
     v_, y_, s_ = il.Variable("v"), il.Input("y"), il.Input("s")
     objective = il.Minimize(v_, lambda v, y, s: 0.5 * s[:, 0] * ((v @ q) * v).sum(1) - (y * v).sum(1), [v_, y_, s_],
-                            step_size=0.3 if mode == "Phantom" else "auto")
-    modes = _modes() | {"Phantom": il.Phantom(k=200, damping=0.5)}
+                            step_size=0.6 if mode == "Phantom" else "auto")  # |1 − 0.6 λ(Q)| ≤ 0.45
     layer = il.ImplicitLayer(il.Problem([objective]), [y_, s_], v_, solver=il.Anderson(tol=1e-12, stop="abs", max_iter=300),
-                             backward=modes[mode], init={"v": torch.zeros(D, dtype=F64)})
+                             backward=_modes()[mode], init={"v": torch.zeros(D, dtype=F64)})
     return layer, q
 
 
@@ -479,7 +478,7 @@ def test_a_quadratic_minimum_its_gradients_and_a_maximum_in_the_batch(mode):
     torch.testing.assert_close(yr.grad, y_ref.grad, rtol=1e-8, atol=1e-9)
     torch.testing.assert_close(q.grad, q_ref.grad, rtol=1e-8, atol=1e-9)
     if mode != "IFT":
-        assert torch.autograd.gradgradcheck(lambda y: layer(y, s), (y.clone().requires_grad_(),))
+        assert torch.autograd.gradgradcheck(lambda y: layer(y, s[:2]), (y[:2].clone().requires_grad_(),))
     # A sample whose only stationary point is a maximum (s = −1) changes nothing for the others.
     y3 = torch.cat([y[:1], torch.ones(1, D, dtype=F64), y[1:]]).requires_grad_()
     s3 = torch.cat([s[:1], -torch.ones(1, 1, dtype=F64), s[1:]])
