@@ -458,7 +458,7 @@ def test_lyadeq_misuse_is_named():
         il.LyaDEQ(_Cell(3), 3)(torch.zeros(0, 3))
     with pytest.raises(ValueError, match="LyaDEQ: budget must be None or a positive number of Euler steps, got 3.0"):
         il.LyaDEQ(_Cell(3), 3, centre="origin", budget=3.0)
-    with pytest.raises(ValueError, match="LyaDEQ: pull must be None or a positive (finite )?weight beta, got nan"):
+    with pytest.raises(ValueError, match="LyaDEQ: pull must be None or a positive .*got nan"):
         il.LyaDEQ(_Cell(3), 3, centre="origin", pull=float("nan"))
 
 
