@@ -573,3 +573,65 @@ def test_imaml_meta_gradient_its_second_order_and_copies(mode):
         torch.testing.assert_close(twin(x, y)["weight"][:, 0, :].detach(), exact.detach(), rtol=0, atol=1e-10)
     with torch.no_grad():
         torch.testing.assert_close(imaml(x, y)["weight"][:, 0, :], exact.detach(), rtol=0, atol=1e-10)
+
+
+# ============================================================================ in-place edits between forward and backward
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_parameter_edited_in_place_before_backward_is_refused_and_an_edited_input_is_not_read(mode):
+    w0 = _w()
+    x0 = _x()
+    w_ref, x_ref = w0.clone().requires_grad_(), x0.clone().requires_grad_()
+    reference = il.DEQ(lambda z, x: torch.tanh(z @ w_ref.T + x), solver=il.Anderson(tol=1e-13, max_iter=200))
+    reference(x_ref).pow(2).sum().backward()
+    w = w0.clone().requires_grad_()
+    deq = il.DEQ(lambda z, x: torch.tanh(z @ w.T + x), solver=il.Anderson(tol=1e-13, max_iter=200), backward=_modes()[mode])
+    loss = deq(x0.clone().requires_grad_()).pow(2).sum()
+    with torch.no_grad():
+        w.add_(0.3)  # an optimizer step between forward and backward: the IFT must not use the new weights
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    # The input edited in place after the forward: the gradient is still the one at the forward's input.
+    w = w0.clone().requires_grad_()
+    leaf = x0.clone().requires_grad_()
+    x = leaf * 1.0
+    loss = deq(x).pow(2).sum()
+    with torch.no_grad():
+        x.add_(1.0)
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, x_ref.grad, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-8, atol=1e-10)
+
+
+def test_forward_mode_tangents_of_the_good_samples_ignore_a_divergent_or_nan_sample():
+    for mode in ["IFT", "IFT-second-order", "Phantom", "Unroll"]:
+        layer, _ = _scaled_layer(mode)
+        x, v = _x(3), _x(3, seed=9)
+        for s_bad in (2.0, 0.25):
+            x2 = torch.cat([x[:1], torch.ones(1, D, dtype=F64), x[1:]])
+            v2 = torch.cat([v[:1], torch.ones(1, D, dtype=F64), v[1:]])
+            s2 = torch.ones(4, 1, dtype=F64)
+            s2[1] = s_bad
+            with pytest.warns(il.ConvergenceWarning), fwAD.dual_level():
+                tangent = fwAD.unpack_dual(layer(fwAD.make_dual(x2, v2), s2)).tangent
+            torch.testing.assert_close(tangent.detach()[[0, 2, 3]], 2 * v, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["IFT", "Unroll"])
+def test_torch_compile_around_jiio_gives_the_eager_values_and_gradients(mode):
+    jiio = _jiio(mode)
+    y = torch.tensor([[1.0, 2.0, -1.0], [0.5, 0.0, 3.0]], dtype=F64)
+
+    def loss(y: torch.Tensor) -> torch.Tensor:
+        return jiio(y)[0].pow(2).sum()
+
+    y_eager, y_compiled = y.clone().requires_grad_(), y.clone().requires_grad_()
+    eager = loss(y_eager)
+    eager.backward()
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="eager")(y_compiled)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-12)
+    torch.testing.assert_close(y_compiled.grad, y_eager.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(y_eager.grad, 2 * (2 * y / 4.5) * 2 / 4.5, rtol=1e-9, atol=1e-10)
