@@ -635,3 +635,61 @@ def test_torch_compile_around_jiio_gives_the_eager_values_and_gradients(mode):
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-12)
     torch.testing.assert_close(y_compiled.grad, y_eager.grad, rtol=0, atol=1e-12)
     torch.testing.assert_close(y_eager.grad, 2 * (2 * y / 4.5) * 2 / 4.5, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_func_grad_over_module_parameters_matches_the_closed_form(mode):
+    deq = _deq(mode)
+    x = _x()
+    params = {k: v.detach() for k, v in deq.named_parameters()}
+    got = torch.func.grad(lambda p: functional_call(deq, p, (x,)).pow(2).sum())(params)["cell.lin.weight"]
+    w_ref = _w().requires_grad_()
+    _closed(x, w_ref).pow(2).sum().backward()
+    torch.testing.assert_close(got, w_ref.grad, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", SECOND_ORDER)
+def test_a_gradient_penalty_under_bfloat16_autocast_stays_near_float32(mode):
+    penalties = []
+    for autocast in (False, True):
+        deq = il.DEQ(_Cell(torch.float32), solver=il.Anderson(tol=1e-2, max_iter=100), backward=_modes()[mode])
+        x = _x().float().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            z = deq(x)
+        (gx,) = torch.autograd.grad(z.float().pow(2).sum(), x, create_graph=True)
+        gx.pow(2).sum().backward()
+        assert bool(deq.last_info.converged.all())
+        penalties.append(deq.cell.lin.weight.grad)
+    scale = penalties[0].abs().max()
+    assert float((penalties[1] - penalties[0]).abs().max() / scale) < 2e-2  # bfloat16 rounding (measured 0.3-0.5%)
+
+
+def test_jiio_and_imaml_converted_to_float64_after_a_float32_call_solve_in_float64():
+    class Head(torch.nn.Module):
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return z
+
+    jiio = il.JIIO(cell=_Cell(torch.float32), head=Head(), objective=lambda out, y, x: ((out - y) ** 2).sum(1) + 0.5 * (x**2).sum(1),
+                   input_shape=3, state_shape=3, step_size=0.1, solver=il.Anderson(tol=1e-10, stop="abs", max_iter=500))
+    y = _x(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", il.ConvergenceWarning)  # float32 cannot reach 1e-10
+        jiio(y.float())
+    jiio.double()
+    x_star, z_star = jiio(y)
+    assert x_star.dtype == z_star.dtype == F64
+    # z = W z + x and x minimises ‖z − y‖² + ½‖x‖²: with M = (I − W)⁻¹, x* = (MᵀM + ½ I)⁻¹ Mᵀ y.
+    m = torch.linalg.inv(torch.eye(D, dtype=F64) - _w())
+    exact = torch.linalg.solve(m.T @ m + 0.5 * torch.eye(D, dtype=F64), (y @ m).T).T
+    torch.testing.assert_close(x_star, exact, rtol=0, atol=1e-8)
+    torch.testing.assert_close(z_star, x_star @ m.T, rtol=0, atol=1e-8)
+    model = torch.nn.Linear(2, 1, bias=False)
+    imaml = il.IMAML(model, _mse, lam=1.0, solver=il.Anderson(tol=1e-12, stop="abs", max_iter=500))
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(3, 5, 2, dtype=F64, generator=g), torch.randn(3, 5, 1, dtype=F64, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", il.ConvergenceWarning)
+        imaml(x.float(), t.float())
+    imaml.double()
+    phi = imaml(x, t)["weight"][:, 0, :]
+    torch.testing.assert_close(phi, _imaml_exact(x, t, model.weight.detach()[0]), rtol=0, atol=1e-10)
