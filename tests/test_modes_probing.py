@@ -19,6 +19,7 @@ import copy
 import io
 import pickle
 import warnings
+from typing import Callable
 
 import pytest
 import torch
@@ -175,7 +176,7 @@ class _NonlinearCell(_Cell):
         super().__init__(bias=True, nonlinear=True)
 
 
-def _two_blocks(mode: str) -> tuple[il.ImplicitLayer, callable]:
+def _two_blocks(mode: str) -> tuple[il.ImplicitLayer, Callable[[torch.Tensor], torch.Tensor]]:
     """`z = A z + x`, then `u = B u + z²` (two blocks, the second reads the first)."""
     g = torch.Generator().manual_seed(2)
     a, b = torch.randn(D, D, dtype=F64, generator=g) * 0.3, torch.randn(D, D, dtype=F64, generator=g) * 0.3
