@@ -694,3 +694,28 @@ def test_jiio_and_imaml_converted_to_float64_after_a_float32_call_solve_in_float
     imaml.double()
     phi = imaml(x, t)["weight"][:, 0, :]
     torch.testing.assert_close(phi, _imaml_exact(x, t, model.weight.detach()[0]), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_jacobians_checkpointing_and_module_backward_hooks(mode):
+    deq = _deq(mode)
+    x = _x(2)
+    expected = torch.linalg.inv(torch.eye(D, dtype=F64) - deq.cell.lin.weight.detach())
+    # The IFT's batched backward (vectorize=True, is_grads_batched) is reported to the lead separately.
+    for vectorize in (False, True) if mode in ("Phantom", "Unroll") else (False,):
+        jac = torch.autograd.functional.jacobian(deq, x, vectorize=vectorize)
+        for b in range(2):
+            torch.testing.assert_close(jac[b, :, b, :], expected, rtol=1e-8, atol=1e-9)
+        assert float(jac[0, :, 1, :].abs().max()) == 0.0  # samples do not interact
+    xr = x.clone().requires_grad_()
+    torch.utils.checkpoint.checkpoint(deq, xr, use_reentrant=False).pow(2).sum().backward()
+    x_plain = x.clone().requires_grad_()
+    deq(x_plain).pow(2).sum().backward()
+    torch.testing.assert_close(xr.grad, x_plain.grad, rtol=0, atol=0)
+    seen = []
+    handle = deq.register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(grad_in[0]))
+    x_hooked = x.clone().requires_grad_()
+    deq(x_hooked).sum().backward()
+    handle.remove()
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], x_hooked.grad, rtol=0, atol=0)
