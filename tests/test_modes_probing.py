@@ -741,3 +741,26 @@ def test_imaml_tasks_keep_their_values_and_meta_gradient_beside_a_task_of_huge_c
     (want,) = torch.autograd.grad(exact.pow(2).sum(), theta)
     torch.testing.assert_close(phi.detach()[good], exact.detach(), rtol=0, atol=1e-10)
     torch.testing.assert_close(got[0], want, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_starts_that_carry_a_graph_add_nothing_to_the_gradient(mode):
+    w = _w()
+    expected = torch.linalg.solve((torch.eye(D, dtype=F64) - w).T, torch.ones(D, dtype=F64)).expand(4, D)
+    # A start computed from the input (z_init callable): the solution does not depend on it.
+    deq = il.DEQ(lambda z, x: z @ w.T + x, solver=il.Anderson(**TIGHT), backward=_modes()[mode], z_init=lambda x: 3 * x)
+    x = _x().requires_grad_()
+    deq(x).sum().backward()
+    torch.testing.assert_close(x.grad, expected, rtol=1e-8, atol=1e-9)
+    # A warm start from the previous call's output, graph and all: no gradient leaks into that call.
+    x1, x2 = _x().requires_grad_(), (_x() + 1).requires_grad_()
+    previous = deq(x1)
+    deq.layer.solve(x2, init={"z": previous})["z"].sum().backward()
+    assert x1.grad is None
+    torch.testing.assert_close(x2.grad, expected, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck_with_forward_ad_checks(mode):
+    layer, _ = _linear(mode)
+    assert torch.autograd.gradcheck(layer, (_x(2).requires_grad_(),), check_forward_ad=True, check_backward_ad=False)
