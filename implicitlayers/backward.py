@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
 from ._ift import AdjointProblem, adjoint_solver, attach_ift
 from ._transforms import active_transforms, tangents_may_flow, vmapped_solve
+from .errors import ConvergenceWarning
 from .solvers import LinearSolver, SolveInfo, apply_failure_policy
 from .solvers._info import Status
 
@@ -355,25 +357,55 @@ class Phantom(BackwardMode):
         and does not make the other samples' shared gradients NaN (its NaN would multiply their zero
         cotangents in every shared operation).
         """
-        w = self._steps(block, w_star)
+        w, first = self._steps(block, w_star)
         if w is w_star:
             return w_star
         finite = torch.isfinite(w.detach()).all(1)
         if not bool(finite.all()):
             keep = finite.nonzero()[:, 0]
-            w_keep = self._steps(block.subset(keep), w_star.index_select(0, keep))
+            w_keep, _ = self._steps(block.subset(keep), w_star.index_select(0, keep))
             w = w_star.detach().index_copy(0, keep, w_keep)
+        self._check_contraction(block, w_star, first, w, finite)
         return w
 
-    def _steps(self, block: BlockSolve, w_star: torch.Tensor) -> torch.Tensor:
-        """`k` damped steps of the block's map from the detached `w*` (`w*` itself when nothing requires grad)."""
-        w = w_star
-        for _ in range(self.k):
+    def _steps(self, block: BlockSolve, w_star: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`k` damped steps of the block's map from the detached `w*`, and the first of them (`w*` itself,
+        twice, when nothing requires grad)."""
+        w = first = w_star
+        for j in range(self.k):
             r = block.residual(w)
             if not r.requires_grad and not tangents_may_flow():  # nothing upstream requires grad
-                return w_star
+                return w_star, w_star
             w = w - self.damping * (r if block.precond is None else r * block.precond)
-        return w
+            if j == 0:
+                first = w
+        return w, first
+
+    def _check_contraction(self, block: BlockSolve, w_star: torch.Tensor, first: torch.Tensor, last: torch.Tensor,
+                           finite: torch.Tensor) -> None:
+        """Warn when the damped map visibly expands at `w*`: then the phantom gradient is not an approximation
+        of the implicit one (on `z = 1.5 z + x` it was −1e5 for −2), however well the forward converged.
+
+        A map that does not expand moves each step by at most its first, so `k` steps stay within `k` times
+        the first step's length; beyond twice that (plus rounding) the steps grew. (A forward solved to the
+        last bit leaves no first step to amplify, and shows nothing.)
+        """
+        with torch.no_grad():
+            w0 = w_star.detach()
+            d1 = torch.linalg.vector_norm(first.detach() - w0, dim=1)
+            dk = torch.linalg.vector_norm(last.detach() - w0, dim=1)
+            rounding = 64 * torch.finfo(w0.dtype).eps * (1 + torch.linalg.vector_norm(w0, dim=1))
+            grew = finite & (dk > 2 * self.k * d1 + self.k * rounding)
+            if not bool(grew.any()):
+                return
+            i = int(grew.nonzero()[0, 0])
+        warnings.warn(
+            f"Phantom backward of {block.name}: the {self.k} damped steps (damping {self.damping}) moved {int(grew.sum())} "
+            f"sample(s) away from the solution instead of settling (sample {i}: first step {float(d1[i]):.2e}, after "
+            f"{self.k} steps {float(dk[i]):.2e}): the damped map expands there, so the phantom gradient does not "
+            "approximate the implicit one. Lower damping, or use il.IFT().",
+            ConvergenceWarning, stacklevel=4,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,6 +438,9 @@ class Unroll(BackwardMode):
             lambda w: block.residual(w), block.w0, precond=block.precond, name=block.name, **block.solve_options()
         )
         w_out = block.system.project_constrained(w_out)
+        if block.system.objectives and not block.system.equations:  # as `forward_solve` does: a maximum or a
+            with torch.no_grad():  # saddle is reported, not returned as a converged minimum
+                info = block._flag_non_optima(w_out.detach(), info, block.detached)
         idle = info.nstep == 0
         if bool(idle.any()):
             # w_out is the (constant) start for these samples: take one differentiable step from it.

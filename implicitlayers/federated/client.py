@@ -189,9 +189,12 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float
         for module in model.modules()
         if isinstance(module, DEQ) and module.last_info is not None
     ]
+    # A non-finite logit row (a diverged model) is a wrong prediction: argmax of an all-NaN row is class 0,
+    # which would give a diverged client the share of class 0 as its accuracy, hence a fusion weight.
+    correct = (logits.argmax(1) == y) & torch.isfinite(logits).all(1)
     return (
         float(F.cross_entropy(logits, y)),
-        float((logits.argmax(1) == y).float().mean()),
+        float(correct.float().mean()),
         sum(residuals) / len(residuals) if residuals else 0.0,
     )
 

@@ -60,17 +60,25 @@ def quality_weights(
             f"example counts and {len(quality)} qualities."
         )
     for name, values in (("num_examples", num_examples), ("quality", quality)):
-        bad = [(i, v) for i, v in enumerate(values) if not math.isfinite(v) or v < 0]
+        bad = [(i, v) for i, v in enumerate(values) if isinstance(v, bool) or not math.isfinite(v) or v < 0]
         if bad:
             i, v = bad[0]
             raise ValueError(f"quality_weights: {name}[{i}] = {v!r}; every value must be finite and non-negative.")
-    if not eps > 0:
-        raise ValueError(f"quality_weights: eps must be positive, got {eps!r}.")
+    if not (0 < eps < math.inf):
+        raise ValueError(f"quality_weights: eps must be positive and finite, got {eps!r}.")
     total_examples = float(sum(num_examples))
     if total_examples == 0:
         raise ValueError("quality_weights: every client reported 0 examples; there is nothing to weight.")
     gain = [1.0 / (q + eps) for q in quality] if lower_is_better else [float(q) for q in quality]
-    raw = [float(n) * g for n, g in zip(num_examples, gain)]
+    # Each factor scaled by its largest first: n · g can overflow to inf (huge counts, a tiny eps), and
+    # inf / inf is NaN. The weights are ratios, so the scaling cancels.
+    n_max, g_max = max(float(n) for n in num_examples), max(gain)
+    if g_max == 0 or not math.isfinite(g_max):  # (1 / (0 + eps) overflows only for a subnormal eps)
+        if g_max == 0:
+            return [float(n) / total_examples for n in num_examples]
+        gain = [1.0 if math.isinf(g) else 0.0 for g in gain]
+        g_max = 1.0
+    raw = [(float(n) / n_max) * (g / g_max) for n, g in zip(num_examples, gain)]
     total = sum(raw)
     if total == 0:
         return [float(n) / total_examples for n in num_examples]
@@ -139,6 +147,8 @@ def weighted_average(
             wide = torch.complex128 if ref.is_complex() else torch.float64
             total = torch.zeros(ref.shape, dtype=wide, device=ref.device)
             for state, weight in zip(state_dicts, weights):
+                if weight == 0:  # a client weighted out (e.g. quality 0 after diverging) contributes nothing,
+                    continue  # not even the NaN of its state (0 · NaN = NaN)
                 total += float(weight) * state[key].detach().to(device=ref.device, dtype=wide)
             fused[key] = total.to(ref.dtype)
         else:

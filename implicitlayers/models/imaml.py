@@ -344,15 +344,20 @@ class IMAML(nn.Module):
                 )
         if not support_x.is_floating_point():
             raise TypeError(f"IMAML: support_x must be floating point, got {support_x.dtype}.")
+        if support_x.shape[0] == 0:
+            raise ValueError(f"IMAML: support_x has no tasks (shape {tuple(support_x.shape)}); a meta-batch needs at least one task T.")
         if support_x.shape[0] != support_y.shape[0]:
             raise ValueError(
                 f"IMAML: support_x has {support_x.shape[0]} task(s) but support_y has {support_y.shape[0]}; "
                 "both need the same leading task dimension T."
             )
         if support_x.shape[1] != support_y.shape[1]:
+            missing = support_y.dim() == 1 or (support_y.dim() == 2 and support_x.dim() == 2)
+            hint = (" — is the task dimension missing? One task's (N, ...) data is (1, N, ...) (add .unsqueeze(0))"
+                    if missing else "")
             raise ValueError(
                 f"IMAML: support_x has {support_x.shape[1]} example(s) per task but support_y has {support_y.shape[1]}; "
-                "the second dimension N (support examples) must match."
+                f"the second dimension N (support examples) must match{hint}."
             )
 
     # ------------------------------------------------------------------------------ diagnostics

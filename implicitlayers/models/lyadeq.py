@@ -11,6 +11,7 @@ each one's dynamics, equilibrium, well-posedness and gradients). Every state is 
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable, Iterator, Literal
 
@@ -132,9 +133,9 @@ class LyaDEQ(nn.Module):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"LyaDEQ: dim must be a positive integer (the size of z), got {dim!r}.")
         for name, value in (("alpha", alpha), ("step_size", step_size)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 meaning = "the decay rate of V" if name == "alpha" else "the Euler step h"
-                raise ValueError(f"LyaDEQ: {name} must be a positive number ({meaning}), got {value!r}.")
+                raise ValueError(f"LyaDEQ: {name} must be a positive number ({meaning}), and finite; got {value!r}.")
         _check_reading(centre, budget, pull, solver, backward)
         lyapunov = _check_lyapunov(lyapunov, dim, centre)
         if z_init is not None and not (isinstance(z_init, torch.Tensor) or callable(z_init)):
@@ -297,6 +298,13 @@ class LyaDEQ(nn.Module):
             with torch.no_grad():
                 out = self.cell(z, x)
         except RuntimeError as error:
+            message = str(error).lower()
+            if "dtype" in message or ("type" in message and "expected" in message):
+                # A dtype mismatch (e.g. float16 inputs to a float32 cell) is not about dim: say what it is.
+                raise TypeError(
+                    f"LyaDEQ: the cell fails on {expected} ({x.dtype}): {error}. Give x the dtype of the cell's "
+                    "parameters, or convert the module (e.g. .to(x.dtype))."
+                ) from error
             raise ValueError(
                 f"LyaDEQ: the cell fails on {expected}: {error}. LyaDEQ(cell, dim) needs dim = the size of the "
                 f"cell's state z; pass the dim your cell expects (now dim={self.dim})."
@@ -333,8 +341,8 @@ def _check_reading(centre: object, budget: object, pull: object, solver: Any, ba
         raise ValueError(f"LyaDEQ: centre must be one of {CENTRES}, got {centre!r}.")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
         raise ValueError(f"LyaDEQ: budget must be None or a positive number of Euler steps, got {budget!r}.")
-    if pull is not None and (isinstance(pull, bool) or not isinstance(pull, (int, float)) or not pull > 0):
-        raise ValueError(f"LyaDEQ: pull must be None or a positive weight beta, got {pull!r}.")
+    if pull is not None and (isinstance(pull, bool) or not isinstance(pull, (int, float)) or not 0 < pull < math.inf):
+        raise ValueError(f"LyaDEQ: pull must be None or a positive finite weight beta, got {pull!r}.")
     if budget is not None and pull is not None:
         raise ValueError("LyaDEQ: pass budget= (stop the projected dynamics after K steps) or pull= (balanced dynamics), not both.")
     if centre == "fixed_point" and (budget is not None or pull is not None):

@@ -104,6 +104,10 @@ class LyapunovFunction(nn.Module):
     def forward(self, z: torch.Tensor, z_ref: torch.Tensor | None = None) -> torch.Tensor:
         if z.dim() != 2 or z.shape[1] != self.dim:
             raise ValueError(f"LyapunovFunction: expected z of shape (B, {self.dim}), got {tuple(z.shape)}.")
+        if z_ref is not None and (z_ref.dim() > 2 or z_ref.shape[-1:] != z.shape[-1:]):
+            raise ValueError(
+                f"LyapunovFunction: z_ref must be one point ({self.dim},) or one per sample (B, {self.dim}), got {tuple(z_ref.shape)}."
+            )
         z_ref = torch.zeros_like(z) if z_ref is None else z_ref.expand_as(z)
         gap = self.icnn(z) - self.icnn(z_ref)
         return _candidate(gap, z - z_ref, self.eps, self.smoothing)

@@ -9,6 +9,7 @@ solve) the weight is computed once however many times the solver calls the cell.
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 
@@ -194,8 +195,10 @@ def spectral_norm(
         raise ValueError(f"spectral_norm: {name} must have at least 2 dimensions, got shape {tuple(weight.shape)}.")
     if not isinstance(n_power_iterations, int) or n_power_iterations < 1:
         raise ValueError(f"spectral_norm: n_power_iterations must be an integer >= 1, got {n_power_iterations!r}.")
-    if not bound > 0:
-        raise ValueError(f"spectral_norm: bound must be positive, got {bound!r}.")
+    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound < math.inf:
+        raise ValueError(f"spectral_norm: bound must be positive (a finite number), got {bound!r}.")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"spectral_norm: eps must be positive (a finite number: it guards the power iteration's norms), got {eps!r}.")
     if dim is None:
         transposed = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
         dim = 1 if isinstance(module, transposed) else 0

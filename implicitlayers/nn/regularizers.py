@@ -74,7 +74,7 @@ def jacobian_regularizer(
     Returns:
         A scalar, or `(B,)` with `reduction="none"`.
     """
-    if not isinstance(probes, int) or probes < 1:
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
         raise ValueError(f"jacobian_regularizer: probes must be an integer >= 1, got {probes!r}.")
     if reduction not in ("mean", "none"):
         raise ValueError(f"jacobian_regularizer: reduction must be 'mean' or 'none', got {reduction!r}.")

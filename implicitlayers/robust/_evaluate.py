@@ -57,7 +57,10 @@ def _correct(model: Classifier, x: torch.Tensor, y: torch.Tensor, who: str) -> i
         raise ValueError(
             f"{who}: accuracy needs integer class labels of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}."
         )
-    return int((logits.argmax(dim=1) == y).sum())
+    # A sample whose logits are not all finite (a NaN input, a diverged solve) is counted wrong: argmax of an
+    # all-NaN row is 0, which would count it correct whenever its label is 0.
+    finite = torch.isfinite(logits).all(dim=1)
+    return int(((logits.argmax(dim=1) == y) & finite).sum())
 
 
 def accuracy(model: Classifier, X: torch.Tensor, Y: torch.Tensor, batch_size: int = 256) -> float:

@@ -105,7 +105,8 @@ class Broyden(IterativeSolver):
         return out if s.h0_scale is None else out * s.h0_scale.to(out.dtype)[:, None]
 
     def step(self, fn, s, frozen):
-        direction = -s.Hr if s.scale is None else s.Hr * -s.scale[:, None]
+        # (the step factor is in the norms' dtype, float32 for half precision: keep the iterate's dtype)
+        direction = -s.Hr if s.scale is None else s.Hr * -s.scale.to(s.Hr.dtype)[:, None]
         if frozen is not None:
             if s.grad:
                 direction = torch.where(frozen[:, None], 0.0, direction)
