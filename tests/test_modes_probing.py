@@ -764,3 +764,34 @@ def test_starts_that_carry_a_graph_add_nothing_to_the_gradient(mode):
 def test_gradcheck_with_forward_ad_checks(mode):
     layer, _ = _linear(mode)
     assert torch.autograd.gradcheck(layer, (_x(2).requires_grad_(),), check_forward_ad=True, check_backward_ad=False)
+
+
+@pytest.mark.parametrize("mode", ["IFT", "Phantom", "Unroll"])
+def test_dropout_in_train_mode_is_reported_and_eval_mode_converges(mode):
+    class DropCell(_Cell):
+        def __init__(self) -> None:
+            super().__init__(nonlinear=True)
+            self.drop = torch.nn.Dropout(0.2)
+
+        def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return self.drop(super().forward(z, x))
+
+    torch.manual_seed(0)
+    deq = il.DEQ(DropCell(), solver=il.Anderson(tol=1e-6, max_iter=50), backward=_modes()[mode])
+    x = torch.randn(4, D, dtype=F64, generator=torch.Generator().manual_seed(0)) * 3  # dropout moves every sample
+    with pytest.warns(il.ConvergenceWarning):  # a new mask at every evaluation: no fixed point to converge to
+        deq(x.clone().requires_grad_())
+    deq.eval()
+    deq(x)
+    assert bool(deq.last_info.converged.all())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_input_made_under_inference_mode_still_trains_the_parameters(mode):
+    with torch.inference_mode():
+        x = _x()
+    deq = _deq(mode)
+    deq(x).sum().backward()
+    w_ref = _w().requires_grad_()
+    _closed(x.clone(), w_ref).sum().backward()
+    torch.testing.assert_close(deq.cell.lin.weight.grad, w_ref.grad, rtol=1e-8, atol=1e-9)
