@@ -193,3 +193,75 @@ def test_a_map_that_modifies_its_input_in_place_is_refused(solve):
     evaluation, and `f(z0)` was returned as converged (the fixed point is 2)."""
     with pytest.raises(ValueError, match="modified its input in place"):
         solve(lambda z: z.mul_(0.5).add_(1.0), torch.zeros(2, 3, dtype=F64))
+
+
+def test_unroll_reports_a_maximum_as_it_does_under_the_ift():
+    """`L = −½‖v‖² − y·v` has only a maximum: IFT and Phantom reported NOT_OPTIMAL, Unroll returned it converged."""
+    y_, v_ = il.Input("y"), il.Variable("v")
+    problem = il.Problem([il.Minimize(v_, lambda v, y: -0.5 * (v**2).sum(1) - (y * v).sum(1), (v_, y_), step_size=0.5)])
+    layer = il.ImplicitLayer(problem, y_, v_, solver=il.Anderson(tol=1e-10, stop="abs", max_iter=100), backward=il.Unroll(),
+                             init={"v": torch.zeros(3, dtype=F64)})
+    y = torch.tensor([[1.0, -2.0, 0.5]], dtype=F64, requires_grad=True)
+    _, warned = _caught(lambda: layer(y))
+    (info,) = layer.last_solution.info.values()
+    assert warned and info.causes == ["not_optimal"]
+
+
+def test_phantom_warns_when_its_steps_expand_instead_of_settling():
+    """`z = 1.5 z + x` (fixed point −2x, found exactly by Anderson): 60 undamped phantom steps amplify the tiny
+    forward residual, and the gradient came back 7e10 for −2 with no word."""
+    x = torch.tensor([[1.0, -2.0, 0.5]], dtype=F64, requires_grad=True)
+    deq = il.DEQ(lambda z, x: 1.5 * z + x, solver=il.Anderson(tol=1e-12, max_iter=100), backward=il.Phantom(k=60, damping=1.0))
+    _, warned = _caught(lambda: deq(x).sum().backward())
+    assert any("expands" in str(w.message) for w in warned)
+    # A contracting map under the same mode says nothing.
+    x.grad = None
+    deq = il.DEQ(lambda z, x: 0.5 * z + x, solver=il.Anderson(tol=1e-12, max_iter=100), backward=il.Phantom(k=60, damping=1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deq(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
+
+
+def test_a_sample_with_non_finite_logits_is_counted_wrong():
+    """argmax of an all-NaN row is class 0: a NaN input counted as a correct prediction of label 0."""
+    from implicitlayers import robust
+
+    model = torch.nn.Linear(2, 3)
+    x = torch.tensor([[float("nan"), 0.0], [1.0, 2.0]])
+    y = torch.tensor([0, int(model(x[1:]).argmax())])
+    assert robust.accuracy(model, x, y) == 0.5
+
+
+def test_fusion_ignores_a_zero_weight_client_and_survives_huge_counts():
+    """A client weighted 0 (quality 0: it diverged) poisoned the average with its NaN (0 · NaN = NaN), and
+    `n · q` overflowing to inf made the weights NaN (inf / inf)."""
+    from implicitlayers.federated import quality_weights, weighted_average
+
+    good, diverged = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([float("nan"), float("inf")])}
+    weights = quality_weights([100, 100], [0.9, 0.0])
+    assert weights == [1.0, 0.0]
+    assert weighted_average([good, diverged], weights)["w"].tolist() == [1.0, 2.0]
+    assert quality_weights([1e308, 1e308], [1e10, 1e10]) == [0.5, 0.5]
+
+
+def test_imaml_on_an_empty_meta_batch_says_so():
+    model = torch.nn.Linear(2, 1)
+    imaml = il.IMAML(model, lambda out, y: ((out - y) ** 2).sum(), lam=1.0)
+    with pytest.raises(ValueError, match="no tasks"):
+        imaml(torch.zeros(0, 5, 2), torch.zeros(0, 5, 1))
+
+
+def test_broyden_unrolled_in_half_precision_keeps_the_dtype():
+    """Broyden's step factor after a rejected trial is in float32 (its norms' dtype); under autograd it turned
+    the float16 iterate into float32 and the user's float16 layer raised a dtype error."""
+    lin = torch.nn.Linear(3, 3).half()
+    with torch.no_grad():
+        lin.weight.mul_(0.3)
+    x = torch.randn(4, 3).half().requires_grad_()
+    deq = il.DEQ(lambda z, x: torch.tanh(lin(z)) + 8 * x, solver=il.Broyden(tol=1e-2, max_iter=30, on_failure="ignore"),
+                 backward=il.Unroll())
+    z = deq(x)
+    assert z.dtype == torch.float16
+    z.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float16
