@@ -265,3 +265,13 @@ def test_broyden_unrolled_in_half_precision_keeps_the_dtype():
     assert z.dtype == torch.float16
     z.float().sum().backward()
     assert x.grad is not None and x.grad.dtype == torch.float16
+
+
+def test_an_attack_refuses_a_non_finite_input():
+    """NaN passes every comparison with the clamp box: pgd returned a NaN "adversarial example"."""
+    from implicitlayers import robust
+
+    model = torch.nn.Linear(2, 3)
+    x = torch.tensor([[float("nan"), 0.1], [0.8, 0.2]])
+    with pytest.raises(ValueError, match="non-finite"):
+        robust.pgd(model, x, torch.tensor([0, 1]), eps=0.1, clamp=(0.0, 1.0))

@@ -90,11 +90,14 @@ def check_batch(x: object, y: object, who: str) -> torch.Tensor:
 
 
 def check_clamp(clamp: object, x: torch.Tensor, who: str) -> Clamp:
-    """`clamp` is `None` or `(lo, hi)` with `lo < hi`, and the clean `x` lies inside it.
+    """`x` is finite; `clamp` is `None` or `(lo, hi)` with `lo < hi`, and the clean `x` lies inside it.
 
     The second condition is what keeps the attack inside its ε-ball: clamping moves a coordinate
     towards the box, hence towards `x`, only when `x` itself is in the box.
     """
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        # NaN passes every comparison with the box; an attack from a NaN input is a NaN "adversarial example".
+        raise ValueError(f"{who}: x has non-finite values (NaN or inf); attack clean, finite inputs.")
     if clamp is None:
         return None
     if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
