@@ -493,7 +493,7 @@ def test_a_quadratic_minimum_its_gradients_and_a_maximum_in_the_batch(mode):
     torch.testing.assert_close(q.grad, q_ref.grad, rtol=1e-8, atol=1e-9)
 
 
-@pytest.mark.parametrize("mode", ["IFT", "Phantom"])
+@pytest.mark.parametrize("mode", ["IFT", "Phantom", "Unroll"])
 def test_a_maximum_found_by_the_solver_is_reported_not_optimal(mode):
     layer, _ = _quadratic(mode)
     with pytest.warns(il.ConvergenceWarning):
