@@ -106,8 +106,21 @@ class _ImplicitCorrection(torch.autograd.Function):
         if not adjoint.second_order and "jvp" in active_transforms():
             # Forward mode over this backward (torch.func.hessian, jvp of grad): a second derivative.
             _refuse_second_order(adjoint.name)
-        with torch.no_grad():
-            lam = adjoint.solve(grad)
+        try:
+            with torch.no_grad():
+                lam = adjoint.solve(grad)
+        except RuntimeError as err:
+            if "Batching rule not implemented" not in str(err):
+                raise
+            # torch.autograd's batched gradients (is_grads_batched=True, jacobian(vectorize=True),
+            # gradcheck(check_batched_grad=True)) run this backward under the legacy vmap, which cannot run
+            # the adjoint solve; torch.func's transforms can.
+            raise RuntimeError(
+                f"{adjoint.name}: the IFT backward cannot run under torch.autograd's batched gradients "
+                "(grad(..., is_grads_batched=True), torch.autograd.functional.jacobian(..., vectorize=True), "
+                "gradcheck(..., check_batched_grad=True)). Use torch.func.jacrev / torch.func.vmap(torch.func.grad(...)), "
+                "which the IFT supports, or vectorize=False / check_batched_grad=False (or il.Phantom / il.Unroll)."
+            ) from err
         if not torch.is_grad_enabled():
             return -lam, None
         if not adjoint.second_order and inside_functorch_transform():

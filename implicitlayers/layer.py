@@ -207,6 +207,12 @@ class ImplicitLayer(nn.Module):
         Normalised weights (`il.nn.weight_norm`, `il.nn.spectral_norm`) are computed once for the whole
         solve, not once per iteration. Under `torch.compile` the solve runs eagerly (a graph break).
         """
+        if torch.is_inference_mode_enabled() and any(not c.is_equation for c in self.problem.conditions.values()):
+            # An objective's residual is its gradient, which autograd cannot take in inference mode (nor
+            # through inference tensors): solve as under no_grad, on ordinary copies of the inputs.
+            with torch.inference_mode(False), torch.no_grad():
+                copies = [t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t for t in tensors]
+                return self.solve(*copies, init=init)
         solver, mode = self.solver, self.backward_mode
         interceptors = _interceptors.get()
         for hook in interceptors:

@@ -275,3 +275,36 @@ def test_an_attack_refuses_a_non_finite_input():
     x = torch.tensor([[float("nan"), 0.1], [0.8, 0.2]])
     with pytest.raises(ValueError, match="non-finite"):
         robust.pgd(model, x, torch.tensor([0, 1]), eps=0.1, clamp=(0.0, 1.0))
+
+
+def test_layers_with_objectives_solve_under_inference_mode():
+    """An objective's residual is a gradient: under `torch.inference_mode()` a Minimize, JIIO or iMAML layer
+    raised "the objective does not depend on v" (or a bare autograd error) where `no_grad` solves it."""
+    y_, v_ = il.Input("y"), il.Variable("v")
+    problem = il.Problem([il.Minimize(v_, lambda v, y: ((v - y) ** 2).sum(1), (v_, y_), step_size=0.25)])
+    layer = il.ImplicitLayer(problem, y_, v_, init={"v": torch.zeros(3, dtype=F64)},
+                             solver=il.Anderson(tol=1e-12, stop="abs", max_iter=100))
+    y = torch.tensor([[1.0, 2.0, -1.0]], dtype=F64)
+    with torch.inference_mode():
+        v = layer(y)
+    torch.testing.assert_close(v, y)
+    model = torch.nn.Linear(2, 1, bias=False)
+    imaml = il.IMAML(model, lambda out, t: ((out - t) ** 2).sum(), lam=1.0)
+    sx, sy = torch.randn(3, 5, 2), torch.randn(3, 5, 1)
+    with torch.no_grad():
+        expected = imaml(sx, sy)["weight"]
+    with torch.inference_mode():
+        got = imaml(sx, sy)["weight"]
+    torch.testing.assert_close(got, expected)
+
+
+def test_batched_gradients_through_the_ift_say_what_to_use_instead():
+    """`is_grads_batched=True` / `jacobian(vectorize=True)` run the backward under the legacy vmap, where the
+    adjoint solve cannot run: torch's "Batching rule not implemented for aten::detach" named neither."""
+    weight = torch.randn(3, 3, dtype=F64, generator=torch.Generator().manual_seed(0)) * 0.3
+    deq = il.DEQ(lambda z, x: z @ weight.T + x, solver=il.Anderson(tol=1e-12, max_iter=200))
+    x = torch.randn(2, 3, dtype=F64)
+    with pytest.raises(RuntimeError, match="IFT backward cannot run under torch.autograd's batched gradients.*torch.func.jacrev"):
+        torch.autograd.functional.jacobian(deq, x, vectorize=True)
+    jac = torch.autograd.functional.jacobian(deq, x)  # the unbatched route works
+    torch.testing.assert_close(jac[0, :, 0, :], torch.linalg.inv(torch.eye(3, dtype=F64) - weight))

@@ -281,6 +281,11 @@ class IMAML(nn.Module):
             the model's parameters (and the support data) by the backward mode.
         """
         self._check_support(support_x, support_y)
+        if torch.is_inference_mode_enabled():
+            # The inner problem's residual and its curvature estimate are gradients, which autograd cannot take
+            # in inference mode (nor through inference tensors): adapt as under no_grad, on ordinary copies.
+            with torch.inference_mode(False), torch.no_grad():
+                return self(*(t.clone() if t.is_inference() else t for t in (support_x, support_y)))
         solver = self.layer.solver
         if isinstance(solver, _AutoStep):
             try:
