@@ -498,3 +498,42 @@ def test_random_chains_of_fixed_points_roots_and_minimisations_match_dense_algeb
     torch.testing.assert_close(got, want, atol=1e-8, rtol=0)
     g = torch.randn_like(want)
     torch.testing.assert_close(torch.autograd.grad((got * g).sum(), x)[0], torch.autograd.grad((want * g).sum(), x)[0], atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("totals", [(True, True), (True, False), (False, True), (False, False)])
+def test_two_players_reading_one_equation_get_one_adjoint_each_only_when_total(totals):
+    """z = A z + B u + C v + x; u minimises ½|z − t₁|² + ½c₁|u|², v maximises −(½|z − t₂|² + ½c₂|v|²).
+    A total player sees z's response to its own variable (an adjoint), a partial one holds z fixed;
+    the oracle is the Nash system of the (reduced or partial) stationarity conditions."""
+    gen = torch.Generator().manual_seed(17)
+    d, k, c1, c2 = 3, 2, 0.8, 1.3
+    A = _contractive(d, 0.4, gen)
+    B, C = (torch.randn(d, k, dtype=DT, generator=gen) for _ in range(2))
+    t1, t2 = (torch.randn(d, dtype=DT, generator=gen) for _ in range(2))
+    M = _inv(A)
+    G1, G2 = M @ B, M @ C
+    x_, z, u, v = il.Input("x"), il.Variable("z"), il.Variable("u"), il.Variable("v")
+    problem = il.Problem(
+        [
+            il.FixedPoint(z, lambda z, u, v, x: z @ A.T + u @ B.T + v @ C.T + x, (z, u, v, x_)),
+            il.Minimize(u, lambda z, u: 0.5 * ((z - t1) ** 2).sum(1) + 0.5 * c1 * (u**2).sum(1), (z, u), total=totals[0]),
+            il.Maximize(v, lambda z, v: -(0.5 * ((z - t2) ** 2).sum(1) + 0.5 * c2 * (v**2).sum(1)), (z, v), total=totals[1]),
+        ]
+    )
+    init = {"z": torch.zeros(d, dtype=DT), "u": torch.zeros(k, dtype=DT), "v": torch.zeros(k, dtype=DT)}
+    layer = il.ImplicitLayer(problem, [x_], [u, v], solver=BROYDEN, init=init)
+    x = torch.randn(3, d, dtype=DT, generator=gen, requires_grad=True)
+    got_u, got_v = layer(x)
+    eye, zero = torch.eye(k, dtype=DT), torch.zeros(k, k, dtype=DT)
+    zx = x @ M.T
+    rows, rhs = [], []
+    for total, G, Go, c, t, first in ((totals[0], G1, G2, c1, t1, True), (totals[1], G2, G1, c2, t2, False)):
+        own, other = (G.T @ G + c * eye, G.T @ Go) if total else (c * eye, zero)
+        rows.append(torch.cat([own, other] if first else [other, own], 1))
+        rhs.append(-(zx - t) @ G if total else torch.zeros_like(zx[:, :k]))
+    w = torch.linalg.solve(torch.cat(rows, 0), torch.cat(rhs, 1).T).T
+    torch.testing.assert_close(got_u, w[:, :k], atol=1e-9, rtol=0)
+    torch.testing.assert_close(got_v, w[:, k:], atol=1e-9, rtol=0)
+    expected_duals = {f"mu[{n}|z]" for n, total in zip("uv", totals) if total}
+    assert set(layer.last_solution.duals) == expected_duals
+    assert torch.autograd.gradcheck(lambda x: layer(x), (x,), atol=1e-6)
