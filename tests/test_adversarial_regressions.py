@@ -308,3 +308,19 @@ def test_batched_gradients_through_the_ift_say_what_to_use_instead():
         torch.autograd.functional.jacobian(deq, x, vectorize=True)
     jac = torch.autograd.functional.jacobian(deq, x)  # the unbatched route works
     torch.testing.assert_close(jac[0, :, 0, :], torch.linalg.inv(torch.eye(3, dtype=F64) - weight))
+
+
+@pytest.mark.parametrize("n", [1, 2, 10])
+def test_broyden_escapes_a_singular_update_on_a_linear_kkt_system(n):
+    """cvxpylayers' equality problem `min ‖x‖² s.t. x = b` as the root of its KKT system `(2x + ν, x − b)`:
+    Broyden's type-II update made H exactly singular with `H R = 0` after one step, and every later step was
+    zero (reported stalled, never solved). A zero step now becomes the H₀ step."""
+    b = torch.randn(1, n, generator=torch.Generator().manual_seed(243), dtype=F64)
+
+    def kkt(w):
+        return torch.cat([2 * w[:, :n] + w[:, n:], w[:, :n] - b], 1)
+
+    sol = il.root(kkt, torch.zeros(1, 2 * n, dtype=F64), solver=il.Broyden(tol=1e-11, stop="abs", max_iter=200))
+    assert bool(sol.info.converged.all())
+    torch.testing.assert_close(sol.value[:, :n], b, rtol=0, atol=1e-10)
+    torch.testing.assert_close(sol.value[:, n:], -2 * b, rtol=0, atol=1e-10)

@@ -107,6 +107,12 @@ class Broyden(IterativeSolver):
     def step(self, fn, s, frozen):
         # (the step factor is in the norms' dtype, float32 for half precision: keep the iterate's dtype)
         direction = -s.Hr if s.scale is None else s.Hr * -s.scale.to(s.Hr.dtype)[:, None]
+        # The type-II update can make H exactly singular with H R = 0 (a linear KKT system does it in one step):
+        # the step would be zero, R would not change, and nothing would ever move the sample again. Such a
+        # sample takes the H₀ step instead; its secant pair changes H.
+        stuck = ~direction.any(1) & (s.r_norm > 0)
+        if s.grad or not stuck.is_cpu or bool(stuck.any()):
+            direction = torch.where(stuck[:, None], -self._h0(s, s.r), direction)
         if frozen is not None:
             if s.grad:
                 direction = torch.where(frozen[:, None], 0.0, direction)
