@@ -110,9 +110,12 @@ class Broyden(IterativeSolver):
         # The type-II update can make H exactly singular with H R = 0 (a linear KKT system does it in one step):
         # the step would be zero, R would not change, and nothing would ever move the sample again. Such a
         # sample takes the H₀ step instead; its secant pair changes H.
-        stuck = ~direction.any(1) & (s.r_norm > 0)
-        if s.grad or not stuck.is_cpu or bool(stuck.any()):
-            direction = torch.where(stuck[:, None], -self._h0(s, s.r), direction)
+        # (Checked every fourth step on the CPU, where it costs a sync: a stuck sample stays stuck until then.)
+        if s.grad or not direction.is_cpu or s.count % 4 == 1:
+            moving = direction.any(1)
+            if s.grad or not direction.is_cpu or not bool(moving.all()):
+                stuck = ~moving & (s.r_norm > 0)
+                direction = torch.where(stuck[:, None], -self._h0(s, s.r), direction)
         if frozen is not None:
             if s.grad:
                 direction = torch.where(frozen[:, None], 0.0, direction)
