@@ -537,3 +537,54 @@ def test_two_players_reading_one_equation_get_one_adjoint_each_only_when_total(t
     expected_duals = {f"mu[{n}|z]" for n, total in zip("uv", totals) if total}
     assert set(layer.last_solution.duals) == expected_duals
     assert torch.autograd.gradcheck(lambda x: layer(x), (x,), atol=1e-6)
+
+
+def _nonlinear_chain(backward: il.IFT):
+    gen = torch.Generator().manual_seed(18)
+    A = _contractive(3, 0.5, gen)
+    x_, z1, z2 = il.Input("x"), il.Variable("z1"), il.Variable("z2")
+    problem = il.Problem(
+        [
+            il.FixedPoint(z1, lambda z1, x: torch.tanh(z1 @ A.T + x), (z1, x_)),
+            il.FixedPoint(z2, lambda z2, z1: 0.5 * torch.sin(z2) + z1**2, (z2, z1)),
+        ]
+    )
+    init = {"z1": torch.zeros(3, dtype=DT), "z2": torch.zeros(3, dtype=DT)}
+    layer = il.ImplicitLayer(problem, [x_], z2, solver=TIGHT, init=init, backward=backward)
+    return layer, torch.randn(2, 3, dtype=DT, generator=gen, requires_grad=True)
+
+
+def test_double_backward_through_two_nonlinear_blocks():
+    layer, x = _nonlinear_chain(il.IFT(solver=BROYDEN, second_order=True))
+    assert torch.autograd.gradgradcheck(lambda x: layer(x), (x,), atol=1e-5)
+
+
+def test_double_backward_without_second_order_names_the_block():
+    layer, x = _nonlinear_chain(il.IFT(solver=BROYDEN))
+    with pytest.raises(NotImplementedError, match=r"block 1 \(z2\).*second_order=True"):
+        torch.autograd.grad(layer(x).sum(), x, create_graph=True)
+
+
+def test_a_nonlinear_kkt_block_solves_each_sample_as_if_alone_with_per_sample_steps():
+    """Samples with curvatures 0.1 … 100 share one batch; the auto step is per sample, so the batched
+    solution equals the one-sample solutions, and the float64 gradient passes gradcheck."""
+    gen = torch.Generator().manual_seed(19)
+    d, k = 3, 2
+    A = _contractive(d, 0.5, gen)
+    B = torch.randn(d, k, dtype=DT, generator=gen)
+    x_, c_, z, u = il.Input("x"), il.Input("c"), il.Variable("z"), il.Variable("u")
+    problem = il.Problem(
+        [
+            il.FixedPoint(z, lambda z, u, x: torch.tanh(z @ A.T + u @ B.T + x), (z, u, x_)),
+            il.Minimize(u, lambda z, u, c: 0.5 * ((z - 1) ** 2).sum(1) + 0.5 * c[:, 0] * (u**2).sum(1) + 0.1 * (u**4).sum(1), (z, u, c_)),
+        ]
+    )
+    layer = il.ImplicitLayer(
+        problem, [x_, c_], u, solver=il.Anderson(tol=1e-12, max_iter=1000), init={"z": torch.zeros(d, dtype=DT), "u": torch.zeros(k, dtype=DT)}
+    )
+    x = torch.randn(4, d, dtype=DT, generator=gen, requires_grad=True)
+    c = torch.tensor([[0.1], [1.0], [10.0], [100.0]], dtype=DT, requires_grad=True)
+    batched = layer(x, c)
+    alone = torch.cat([layer(x[i : i + 1], c[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(batched, alone, atol=1e-10, rtol=0)
+    assert torch.autograd.gradcheck(lambda x, c: layer(x, c), (x, c), atol=1e-6)
