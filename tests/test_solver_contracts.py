@@ -21,6 +21,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import implicitlayers as il
 from implicitlayers import linear as L
@@ -354,7 +356,7 @@ def test_configs_are_frozen_comparable_hashable_picklable(cls):
     assert pickle.loads(pickle.dumps(a)) == a and copy.deepcopy(a) == a
     assert repr(a).startswith(f"{cls.__name__}(tol=0.001")
     with pytest.raises(dataclasses.FrozenInstanceError):
-        a.tol = 1.0  # type: ignore[misc]
+        a.tol = 1.0
     with pytest.raises(TypeError, match="tolerance"):
         cls(tolerance=1e-3)
     with pytest.raises(TypeError, match="bogus"):
@@ -409,3 +411,28 @@ def test_the_anderson_alias_survives_replace_and_pickle():
     assert pickle.loads(pickle.dumps(il.Anderson(m=2))).memory == 2
     with pytest.raises(TypeError, match="alias"):
         il.Anderson(m=3, memory=4)
+
+
+# ============================================================================ property: any contraction
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10**6), rho=st.floats(0.05, 0.999), log_scale=st.floats(-8, 6),
+       cls=st.sampled_from([il.Anderson, il.Broyden, il.FixedPointIteration]), stop=st.sampled_from(["rel", "abs"]),
+       f32=st.booleans(), check_every=st.sampled_from([None, 1, 3]), max_iter=st.integers(1, 40))
+def test_a_claimed_convergence_always_holds_on_random_contractions(seed, rho, log_scale, cls, stop, f32, check_every, max_iter):
+    dtype = F32 if f32 else F64
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(4, 3, 3, generator=g, dtype=F64)
+    a = (a / torch.linalg.matrix_norm(a, ord=2)[:, None, None] * rho).to(dtype)
+    b = (torch.randn(4, 3, generator=g, dtype=F64) * 10**log_scale).to(dtype)
+
+    def f(z):
+        return (a @ z[..., None])[..., 0] + b
+
+    tol = 1e-4 if f32 else 1e-9
+    solver = cls(tol=tol, stop=stop, max_iter=max_iter, check_every=check_every, on_failure="ignore")
+    sol = il.fixed_point(f, torch.zeros(4, 3, dtype=dtype), solver=solver)
+    measure = _measure(sol.value - f(sol.value), sol.value, stop)
+    assert bool((measure[sol.info.converged] <= tol).all()), (measure, sol.info.converged)
+    assert bool((sol.info.nstep <= max_iter).all()) and sol.info.nfe <= max_iter + 2
