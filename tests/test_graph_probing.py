@@ -588,3 +588,40 @@ def test_a_nonlinear_kkt_block_solves_each_sample_as_if_alone_with_per_sample_st
     alone = torch.cat([layer(x[i : i + 1], c[i : i + 1]) for i in range(4)])
     torch.testing.assert_close(batched, alone, atol=1e-10, rtol=0)
     assert torch.autograd.gradcheck(lambda x, c: layer(x, c), (x, c), atol=1e-6)
+
+
+def test_a_node_listed_twice_in_args_is_passed_twice_and_differentiated_once_per_use():
+    x_, z = il.Input("x"), il.Variable("z")
+    x = torch.randn(3, 2, dtype=DT, generator=torch.Generator().manual_seed(20), requires_grad=True)
+    cases = [
+        (il.FixedPoint(z, lambda z, a, b: 0.5 * z + a * b, (z, x_, x_)), 2 * x**2, 4 * x),
+        (il.FixedPoint(z, lambda z, w, x: 0.25 * z + 0.25 * w + x, (z, z, x_)), 2 * x, torch.full_like(x, 2.0)),
+    ]
+    for condition, value, grad in cases:
+        layer = il.ImplicitLayer(il.Problem([condition]), [x_], z, solver=TIGHT, init={"z": torch.zeros(2, dtype=DT)})
+        out = layer(x)
+        torch.testing.assert_close(out, value, atol=1e-10, rtol=0)
+        torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], grad, atol=1e-9, rtol=0)
+
+
+def test_a_nan_sample_in_a_kkt_block_is_reported_and_the_other_samples_and_gradients_are_exact():
+    # z = ½z + u + x, u = argmin ½|z − 1|² + ½|u|²  ⇒  u = (2 − 4x) / 5; sample 1's gradient is NaN.
+    x_, s_, z, u = il.Input("x"), il.Input("s"), il.Variable("z"), il.Variable("u")
+    problem = il.Problem(
+        [
+            il.FixedPoint(z, lambda z, u, x: 0.5 * z + u + x, (z, u, x_)),
+            il.Minimize(u, lambda z, u, s: 0.5 * ((z - 1) ** 2).sum(1) + 0.5 * (u**2).sum(1) + (u * torch.where(s > 0, torch.nan, 0.0)).sum(1), (z, u, s_)),
+        ]
+    )
+    layer = il.ImplicitLayer(problem, [x_, s_], u, solver=TIGHT, init={"z": torch.zeros(2, dtype=DT), "u": torch.zeros(2, dtype=DT)})
+    x = torch.randn(3, 2, dtype=DT, generator=torch.Generator().manual_seed(21), requires_grad=True)
+    s = torch.tensor([[0.0], [1.0], [0.0]], dtype=DT)
+    with pytest.warns(il.ConvergenceWarning, match=r"block 0 \(z, u\): 1/3 samples"):
+        out = layer(x, s)
+    assert layer.last_solution is not None
+    assert layer.last_solution.info["block 0 (z, u)"].converged.tolist() == [True, False, True]
+    keep = torch.tensor([0, 2])
+    torch.testing.assert_close(out[keep], (2 - 4 * x[keep]) / 5, atol=1e-10, rtol=0)
+    (g,) = torch.autograd.grad(out[keep].sum(), x)
+    torch.testing.assert_close(g[keep], torch.full((2, 2), -0.8, dtype=DT), atol=1e-9, rtol=0)
+    assert torch.isfinite(g).all()
