@@ -625,3 +625,82 @@ def test_a_nan_sample_in_a_kkt_block_is_reported_and_the_other_samples_and_gradi
     (g,) = torch.autograd.grad(out[keep].sum(), x)
     torch.testing.assert_close(g[keep], torch.full((2, 2), -0.8, dtype=DT), atol=1e-9, rtol=0)
     assert torch.isfinite(g).all()
+
+
+# ---------------------------------------------------------------------------------- random graphs of mixed blocks
+@st.composite
+def _block_graphs(draw):
+    """1–3 blocks, each a linear fixed point, a two-player quadratic game, or a KKT pair (a linear
+    equation and a total quadratic objective), driven by the input and a random subset of earlier variables."""
+    kinds = draw(st.lists(st.sampled_from(["fp", "game", "kkt"]), min_size=1, max_size=3))
+    reads = [sorted(draw(st.sets(st.integers(0, b - 1)))) if b else [] for b in range(len(kinds))]
+    return kinds, reads, draw(st.booleans()), draw(st.integers(1, 3)), draw(st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=8, deadline=None)
+@given(spec=_block_graphs())
+def test_random_graphs_of_fixed_point_game_and_kkt_blocks_match_block_by_block_linear_algebra(spec):
+    kinds, reads, reverse, batch, seed = spec
+    gen = torch.Generator().manual_seed(seed)
+    d, k = 2, 2
+    eye = torch.eye(d, dtype=DT)
+    x_ = il.Input("x")
+    conditions: list[il.Condition] = []
+    solvers: list[tuple] = []  # per block: (variable names, oracle of the drive, the drive, its source nodes)
+    outs: list[il.Variable] = []
+    for b, kind in enumerate(kinds):
+        srcs = [x_] + [outs[j] for j in reads[b]]  # the block's first variable is the earlier block's output
+        W = [torch.randn(d, d, dtype=DT, generator=gen) for _ in srcs]
+
+        def drive(*vals, W=W):
+            return sum((v @ w.T for w, v in zip(W, vals)), torch.zeros_like(vals[0]))
+
+        v1, v2 = il.Variable(f"a{b}"), il.Variable(f"b{b}")
+        if kind == "fp":
+            A = _contractive(d, 0.5, gen)
+            conditions.append(il.FixedPoint(v1, lambda v, *s, A=A, drive=drive: v @ A.T + drive(*s), (v1, *srcs)))
+            solvers.append(((v1.name,), lambda r, A=A: (torch.linalg.solve(eye - A, r.T).T,), drive, srcs))
+        elif kind == "game":
+            P, Q = _spd(d, 1.0, gen), _spd(d, 1.0, gen)
+            C, D = (0.3 * torch.randn(d, d, dtype=DT, generator=gen) for _ in range(2))
+            lu = lambda u, v, *s, P=P, C=C, drive=drive: 0.5 * ((u @ P) * u).sum(1) + ((v @ C.T) * u).sum(1) - (u * drive(*s)).sum(1)  # noqa: E731
+            lv = lambda v, u, Q=Q, D=D: 0.5 * ((v @ Q) * v).sum(1) + ((u @ D.T) * v).sum(1) - v.sum(1)  # noqa: E731
+            conditions += [il.Minimize(v1, lu, (v1, v2, *srcs)), il.Minimize(v2, lv, (v2, v1))]
+            K = torch.cat([torch.cat([P, C], 1), torch.cat([D, Q], 1)], 0)
+
+            def game(r, K=K):
+                w = torch.linalg.solve(K, torch.cat([r, torch.ones_like(r)], 1).T).T
+                return w[:, :d], w[:, d:]
+
+            solvers.append(((v1.name, v2.name), game, drive, srcs))
+        else:  # a1 = A a1 + B b1 + drive, b1 = argmin ½|a1 − 1|² + ½ c|b1|² (total)
+            A = _contractive(d, 0.4, gen)
+            B = torch.randn(d, k, dtype=DT, generator=gen)
+            conditions += [
+                il.FixedPoint(v1, lambda z, u, *s, A=A, B=B, drive=drive: z @ A.T + u @ B.T + drive(*s), (v1, v2, *srcs)),
+                il.Minimize(v2, lambda z, u: 0.5 * ((z - 1) ** 2).sum(1) + 0.35 * (u**2).sum(1), (v1, v2)),
+            ]
+            M = torch.linalg.inv(eye - A)
+            G = M @ B
+
+            def kkt(r, M=M, G=G, B=B):
+                u = torch.linalg.solve(G.T @ G + 0.7 * torch.eye(k, dtype=DT), ((1 - r @ M.T) @ G).T).T
+                return (u @ B.T + r) @ M.T, u
+
+            solvers.append(((v1.name, v2.name), kkt, drive, srcs))
+        outs.append(v1)
+    problem = il.Problem(conditions[::-1] if reverse else conditions)
+    assert [sorted(b) for b in problem.blocks] == [sorted(names) for names, *_ in solvers]
+    names = [n for block_names, *_ in solvers for n in block_names]
+    init = {n: torch.zeros(d, dtype=DT) for n in names}
+    layer = il.ImplicitLayer(problem, [x_], [problem.variables[n] for n in names], solver=BROYDEN, init=init)
+    x = torch.randn(batch, d, dtype=DT, generator=gen, requires_grad=True)
+    got = dict(zip(names, layer(x)))
+    dense: dict[str, torch.Tensor] = {}
+    for block_names, solve, drive_of, srcs in solvers:  # block by block: the drive from dense upstream values
+        dense.update(zip(block_names, solve(drive_of(*(x if s.name == "x" else dense[s.name] for s in srcs)))))
+    for n in names:
+        torch.testing.assert_close(got[n], dense[n], atol=1e-8, rtol=0)
+    g = {n: torch.randn(batch, d, dtype=DT, generator=gen) for n in names}
+    want = torch.autograd.grad(sum((dense[n] * g[n]).sum() for n in names), x)[0]
+    torch.testing.assert_close(torch.autograd.grad(sum((got[n] * g[n]).sum() for n in names), x)[0], want, atol=1e-7, rtol=0)
