@@ -436,3 +436,22 @@ def test_a_claimed_convergence_always_holds_on_random_contractions(seed, rho, lo
     measure = _measure(sol.value - f(sol.value), sol.value, stop)
     assert bool((measure[sol.info.converged] <= tol).all()), (measure, sol.info.converged)
     assert bool((sol.info.nstep <= max_iter).all()) and sol.info.nfe <= max_iter + 2
+
+
+def test_on_a_linear_map_anderson_and_broyden_terminate_like_krylov_methods():
+    # Undamped, unregularised Anderson with a full history is GMRES-equivalent on z = A z + c: at most
+    # D + 1 steps (plus rounding); Broyden's method terminates in at most 2D steps (Gay, 1979).
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 20, 20, generator=g, dtype=F64)
+    a = 0.9 * a / torch.linalg.matrix_norm(a, ord=2)[:, None, None]
+    c = torch.randn(3, 20, generator=g, dtype=F64)
+    z_star = torch.linalg.solve(torch.eye(20, dtype=F64) - a, c)
+
+    def f(z):
+        return (a @ z[..., None])[..., 0] + c
+
+    for solver, most in ((il.Anderson(memory=25, lam=0, tol=1e-10, max_iter=300), 22),
+                         (il.Broyden(memory=50, tol=1e-10, max_iter=300), 40)):
+        sol = il.fixed_point(f, torch.zeros(3, 20, dtype=F64), solver=solver)
+        assert sol.info.all_converged and int(sol.info.nstep.max()) <= most, (type(solver).__name__, sol.info.nstep)
+        assert torch.allclose(sol.value, z_star, atol=1e-8)
