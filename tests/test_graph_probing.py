@@ -704,3 +704,64 @@ def test_random_graphs_of_fixed_point_game_and_kkt_blocks_match_block_by_block_l
     g = {n: torch.randn(batch, d, dtype=DT, generator=gen) for n in names}
     want = torch.autograd.grad(sum((dense[n] * g[n]).sum() for n in names), x)[0]
     torch.testing.assert_close(torch.autograd.grad(sum((got[n] * g[n]).sum() for n in names), x)[0], want, atol=1e-7, rtol=0)
+
+
+# ---------------------------------------------------------------------------------- more calls across blocks
+def test_init_callables_receive_the_inputs_in_the_order_of_inputs():
+    x_, y_, z = il.Input("x"), il.Input("y"), il.Variable("z")
+    seen = []
+
+    def start(*tensors):
+        seen.append([tuple(t.shape) for t in tensors])
+        return torch.zeros(tensors[0].shape[0], 2, dtype=DT)
+
+    problem = il.Problem([il.FixedPoint(z, lambda z, x, y: 0.5 * z + x * y.sum(1, keepdim=True), (z, x_, y_))])
+    layer = il.ImplicitLayer(problem, [y_, x_], z, solver=TIGHT, init={"z": start})
+    y, x = torch.ones(2, 3, dtype=DT), torch.ones(2, 2, dtype=DT)
+    torch.testing.assert_close(layer(y, x), torch.full((2, 2), 6.0, dtype=DT), atol=1e-10, rtol=0)
+    assert seen == [[(2, 3), (2, 2)]]
+
+
+def test_a_backward_solve_failing_in_the_second_block_only_is_reported_by_its_name():
+    x_, z1, z2 = il.Input("x"), il.Variable("z1"), il.Variable("z2")
+    problem = il.Problem([il.FixedPoint(z1, lambda z1, x: 0.5 * z1 + x, (z1, x_)), il.FixedPoint(z2, lambda z2, z1: 0.999 * z2 + z1, (z2, z1))])
+    init = {"z1": torch.zeros(2, dtype=DT), "z2": torch.zeros(2, dtype=DT)}
+    layer = il.ImplicitLayer(problem, [x_], z2, solver=BROYDEN, init=init, backward=il.IFT(solver=il.FixedPointIteration(tol=1e-10, max_iter=20)))
+    x = torch.ones(2, 2, dtype=DT, requires_grad=True)
+    out = layer(x)
+    with pytest.warns(il.ConvergenceWarning, match=r"IFT backward of block 1 \(z2\)"):
+        torch.autograd.grad(out.sum(), x)
+    infos = layer.backward_info
+    assert infos["block 0 (z1)"] is not None and infos["block 0 (z1)"].converged.all()
+    assert infos["block 1 (z2)"] is not None and not infos["block 1 (z2)"].converged.any()
+
+
+def test_a_box_constrained_minimisation_downstream_of_a_fixed_point_and_its_gradient():
+    x_, z, u = il.Input("x"), il.Variable("z"), il.Variable("u")
+    problem = il.Problem(
+        [
+            il.FixedPoint(z, lambda z, x: 0.5 * z + x, (z, x_)),
+            il.Minimize(u, lambda u, z: 0.5 * ((u - z) ** 2).sum(1), (u, z), constraint=il.sets.Box(-1.0, 1.0)),
+        ]
+    )
+    layer = il.ImplicitLayer(problem, [x_], u, solver=TIGHT, init={"z": torch.zeros(2, dtype=DT), "u": torch.zeros(2, dtype=DT)})
+    x = torch.tensor([[0.2, -0.3], [0.9, -0.1], [0.1, -2.0]], dtype=DT, requires_grad=True)  # no point on the box's edge
+    torch.testing.assert_close(layer(x), (2 * x).clamp(-1, 1), atol=1e-10, rtol=0)
+    assert torch.autograd.gradcheck(lambda x: layer(x), (x,), atol=1e-6)
+
+
+def test_unrolled_and_ift_gradients_agree_on_a_kkt_block():
+    x_, z, u = il.Input("x"), il.Variable("z"), il.Variable("u")
+    problem = il.Problem(
+        [
+            il.FixedPoint(z, lambda z, u, x: 0.5 * z + u + x, (z, u, x_)),
+            il.Minimize(u, lambda z, u: 0.5 * ((z - 1) ** 2).sum(1) + 0.5 * (u**2).sum(1), (z, u)),
+        ]
+    )
+    init = {"z": torch.zeros(2, dtype=DT), "u": torch.zeros(2, dtype=DT)}
+    x = torch.randn(3, 2, dtype=DT, generator=torch.Generator().manual_seed(22), requires_grad=True)
+    for mode in (il.IFT(), il.Unroll()):
+        layer = il.ImplicitLayer(problem, [x_], u, solver=TIGHT, init=init, backward=mode)
+        out = layer(x)
+        torch.testing.assert_close(out, (2 - 4 * x) / 5, atol=1e-10, rtol=0)
+        torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], torch.full_like(x, -0.8), atol=1e-8, rtol=0)
