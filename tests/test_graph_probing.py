@@ -765,3 +765,32 @@ def test_unrolled_and_ift_gradients_agree_on_a_kkt_block():
         out = layer(x)
         torch.testing.assert_close(out, (2 - 4 * x) / 5, atol=1e-10, rtol=0)
         torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], torch.full_like(x, -0.8), atol=1e-8, rtol=0)
+
+
+def test_a_total_objective_reading_its_variable_through_two_equations_gets_both_adjoints():
+    """z = A z + B u + x, w = A₂ w + C z, u = argmin ½|w − t|² + ½c|u|²: one block of three; the total
+    objective sees w(z(u)), i.e. u solves (GᵀG + cI) u = Gᵀ(t − N C M x) with G = N C M B."""
+    gen = torch.Generator().manual_seed(23)
+    d, k, c = 3, 2, 0.7
+    A, A2 = _contractive(d, 0.4, gen), _contractive(d, 0.4, gen)
+    B = torch.randn(d, k, dtype=DT, generator=gen)
+    C = torch.randn(d, d, dtype=DT, generator=gen)
+    t = torch.randn(d, dtype=DT, generator=gen)
+    x_, z, w, u = il.Input("x"), il.Variable("z"), il.Variable("w"), il.Variable("u")
+    problem = il.Problem(
+        [
+            il.FixedPoint(z, lambda z, u, x: z @ A.T + u @ B.T + x, (z, u, x_)),
+            il.FixedPoint(w, lambda w, z: w @ A2.T + z @ C.T, (w, z)),
+            il.Minimize(u, lambda w, u: 0.5 * ((w - t) ** 2).sum(1) + 0.5 * c * (u**2).sum(1), (w, u)),
+        ]
+    )
+    assert [sorted(b) for b in problem.blocks] == [["u", "w", "z"]]
+    init = {"z": torch.zeros(d, dtype=DT), "w": torch.zeros(d, dtype=DT), "u": torch.zeros(k, dtype=DT)}
+    layer = il.ImplicitLayer(problem, [x_], u, solver=BROYDEN, init=init)
+    x = torch.randn(3, d, dtype=DT, generator=gen, requires_grad=True)
+    NCM = _inv(A2) @ C @ _inv(A)
+    G = NCM @ B
+    want = torch.linalg.solve(G.T @ G + c * torch.eye(k, dtype=DT), ((t - x @ NCM.T) @ G).T).T
+    torch.testing.assert_close(layer(x), want, atol=1e-9, rtol=0)
+    assert layer.last_solution is not None and set(layer.last_solution.duals) == {"mu[u|z]", "mu[u|w]"}
+    assert torch.autograd.gradcheck(lambda x: layer(x), (x,), atol=1e-6)
