@@ -794,3 +794,30 @@ def test_a_total_objective_reading_its_variable_through_two_equations_gets_both_
     torch.testing.assert_close(layer(x), want, atol=1e-9, rtol=0)
     assert layer.last_solution is not None and set(layer.last_solution.duals) == {"mu[u|z]", "mu[u|w]"}
     assert torch.autograd.gradcheck(lambda x: layer(x), (x,), atol=1e-6)
+
+
+def test_a_maximize_with_a_root_equation_in_its_block_uses_the_roots_jacobian_transpose():
+    """z solves S((I − A) z − B u − x) = 0 with a non-symmetric S (the adjoint must use ∂g/∂zᵀ, not
+    assume a fixed-point form); u maximises −(½|z − t|² + ½c|u|²) through it."""
+    gen = torch.Generator().manual_seed(24)
+    d, k, c = 3, 2, 0.7
+    A = _contractive(d, 0.4, gen)
+    B = torch.randn(d, k, dtype=DT, generator=gen)
+    S = torch.randn(d, d, dtype=DT, generator=gen) + 2 * torch.eye(d, dtype=DT)
+    t = torch.randn(d, dtype=DT, generator=gen)
+    x_, z, u = il.Input("x"), il.Variable("z"), il.Variable("u")
+    problem = il.Problem(
+        [
+            il.Root(z, lambda z, u, x: (z - z @ A.T - u @ B.T - x) @ S.T, (z, u, x_)),
+            il.Maximize(u, lambda z, u: -(0.5 * ((z - t) ** 2).sum(1) + 0.5 * c * (u**2).sum(1)), (z, u)),
+        ]
+    )
+    layer = il.ImplicitLayer(problem, [x_], [u, z], solver=BROYDEN, init={"z": torch.zeros(d, dtype=DT), "u": torch.zeros(k, dtype=DT)})
+    x = torch.randn(3, d, dtype=DT, generator=gen, requires_grad=True)
+    M = _inv(A)
+    G = M @ B
+    want_u = torch.linalg.solve(G.T @ G + c * torch.eye(k, dtype=DT), ((t - x @ M.T) @ G).T).T
+    got_u, got_z = layer(x)
+    torch.testing.assert_close(got_u, want_u, atol=1e-9, rtol=0)
+    torch.testing.assert_close(got_z, (want_u @ B.T + x) @ M.T, atol=1e-9, rtol=0)
+    assert torch.autograd.gradcheck(lambda x: layer(x), (x,), atol=1e-6)
