@@ -821,3 +821,12 @@ def test_a_maximize_with_a_root_equation_in_its_block_uses_the_roots_jacobian_tr
     torch.testing.assert_close(got_u, want_u, atol=1e-9, rtol=0)
     torch.testing.assert_close(got_z, (want_u @ B.T + x) @ M.T, atol=1e-9, rtol=0)
     assert torch.autograd.gradcheck(lambda x: layer(x), (x,), atol=1e-6)
+
+
+def test_an_empty_batch_through_a_chain_returns_empty_outputs():
+    problem, (x_, z1, z2), _, init, _ = _chain(torch.Generator().manual_seed(25))
+    layer = il.ImplicitLayer(problem, [x_], [z2, z1], solver=TIGHT, init=init)
+    a, b = layer(torch.ones(0, 2, dtype=DT))
+    assert a.shape == (0, 2) and b.shape == (0, 3)
+    # (With a Minimize of step_size="auto" in the chain this raises a raw reshape error instead:
+    # reported to the lead as /tmp/reports/graph_5.py.)
