@@ -324,3 +324,41 @@ def test_broyden_escapes_a_singular_update_on_a_linear_kkt_system(n):
     assert bool(sol.info.converged.all())
     torch.testing.assert_close(sol.value[:, :n], b, rtol=0, atol=1e-10)
     torch.testing.assert_close(sol.value[:, n:], -2 * b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("solver", [il.linear.CG(tol=1e-6), il.linear.GMRES(tol=1e-6)])
+def test_krylov_solves_report_the_true_residual_of_the_returned_x(solver):
+    """CG and GMRES reported their recurrence's estimate (1e-18 where the returned x's true residual was 1e-7
+    in float32); `converged` now means the true measure is within tol."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 6, 6, generator=g)
+    a = q @ q.mT + 6 * torch.eye(6)
+    b = torch.randn(3, 6, generator=g)
+
+    def matvec(x):
+        return (a @ x[:, :, None])[:, :, 0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", il.ConvergenceWarning)
+        x, info = solver.solve_linear(matvec, b)
+    true = torch.linalg.vector_norm(matvec(x) - b, dim=1) / torch.linalg.vector_norm(b, dim=1)
+    torch.testing.assert_close(info.residual, true, rtol=1e-5, atol=0)
+    assert torch.equal(info.converged, true <= 1e-6)
+
+
+def test_dense_reports_a_singular_sample_stalled_not_at_an_iteration_cap_and_casts_a_warm_start():
+    """A numerically singular sample (two equal columns, b outside the range) was reported as stopped at
+    `max_iter`, which a direct solve does not have."""
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(6, 6, generator=g, dtype=F64)
+    spd = m @ m.T + 6 * torch.eye(6, dtype=F64)
+    singular = spd.clone()
+    singular[:, -1] = singular[:, 0]
+    a, b6 = torch.stack([spd, singular]), torch.randn(2, 6, generator=g, dtype=F64)
+    (x, info), warned = _caught(lambda: il.linear.Dense().solve_linear(lambda v: (a @ v[:, :, None])[:, :, 0], b6))
+    assert info.causes == ["converged", "stalled"] and warned
+    b = torch.tensor([[1.0, 2.0], [1.0, 2.0]], dtype=F64)
+    # A float32 warm start for a float64 system: torch's raw dtype error in the user's matvec before.
+    x, info = il.linear.CG(tol=1e-10).solve_linear(lambda v: 2 * v, b, torch.zeros(2, 2))
+    assert x.dtype == F64
+    torch.testing.assert_close(x, b / 2)

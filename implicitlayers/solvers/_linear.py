@@ -66,5 +66,6 @@ def linear_system(solver: object, matvec: MatVec, b: torch.Tensor, x0: torch.Ten
     if x0 is None:
         start, r0 = torch.zeros_like(b), -b
     else:
+        x0 = x0.to(b.dtype)  # a warm start in another dtype (e.g. float32 for a float64 system) starts the same solve
         start, r0 = torch.where((b_norm == 0)[:, None], 0.0, x0), None
     return LinearSystem(who=who, residual=WritesInto(residual), x0=start, r0=r0, scale=scale, matvec=checked)
