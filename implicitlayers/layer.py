@@ -147,6 +147,14 @@ class ImplicitLayer(nn.Module):
             raise ValueError(f"ImplicitLayer: input(s) {unknown} are not read by any condition of the problem.")
         if len({i.name for i in inputs}) != len(inputs):
             raise ValueError("ImplicitLayer: an input is listed twice in inputs=.")
+        for node in [*inputs, *(o for o in outputs if isinstance(o, Variable))]:
+            own = problem.inputs.get(node.name) if isinstance(node, Input) else problem.variables.get(node.name)
+            if own is not None and own is not node:
+                # The problem refuses two node objects of one name; so does the layer (a node of another problem).
+                raise ValueError(
+                    f"ImplicitLayer: {node!r} is not a node of this problem but a different object with the same name "
+                    "(e.g. from another Problem); pass the nodes the problem's conditions were declared with."
+                )
         if not outputs:
             raise ValueError("ImplicitLayer: outputs= must name at least one variable.")
         for node in outputs:

@@ -164,6 +164,12 @@ class Root(Condition):
     def __init__(self, variable: Variable, g: Callable, args: Sequence[Node], *, damping: float = 1.0) -> None:
         super().__init__(variable, g, args)
         _check_positive(f"Root({variable.name})", "damping", damping)
+        if not any(a is variable or a.name == variable.name for a in self.args):
+            # g(*args) = 0 that does not read v leaves v undetermined: any start would be returned "converged".
+            raise ValueError(
+                f"Root({variable.name}): g does not read {variable.name} (it is not in args), so g(*args) = 0 does not "
+                f"determine it; list {variable.name} in args (a FixedPoint takes a variable computed from others)."
+            )
         self.damping = float(damping)
 
 

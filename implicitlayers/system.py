@@ -291,6 +291,8 @@ class BlockSystem:
             return None
         self._check_no_transform()
         w = w.detach()
+        if w.shape[0] == 0:  # an empty batch: nothing to estimate (the power iteration's norms cannot reshape it)
+            return StepSizes({c.variable.name: w.new_ones(0, 1) for c in auto}, {c.variable.name: w.new_zeros(0) for c in auto}, 0)
         values, curvature, products = {}, {}, 0
         for cond in auto:
             if cond in self.total_objectives:

@@ -362,3 +362,29 @@ def test_dense_reports_a_singular_sample_stalled_not_at_an_iteration_cap_and_cas
     x, info = il.linear.CG(tol=1e-10).solve_linear(lambda v: 2 * v, b, torch.zeros(2, 2))
     assert x.dtype == F64
     torch.testing.assert_close(x, b / 2)
+
+
+def test_a_layer_refuses_nodes_of_another_problem_with_the_same_names():
+    x_, z_ = il.Input("x"), il.Variable("z1")
+    problem = il.Problem([il.FixedPoint(z_, lambda z, x: 0.5 * z + x, (z_, x_))])
+    init = {"z1": torch.zeros(2)}
+    with pytest.raises(ValueError, match="not a node of this problem"):
+        il.ImplicitLayer(problem, [x_], il.Variable("z1"), init=init)
+    with pytest.raises(ValueError, match="not a node of this problem"):
+        il.ImplicitLayer(problem, [il.Input("x")], z_, init=init)
+
+
+def test_a_root_that_does_not_read_its_variable_is_refused():
+    """`g(x) = 0` without `z` in args leaves `z` undetermined: its start came back as converged."""
+    x_, z_ = il.Input("x"), il.Variable("z")
+    with pytest.raises(ValueError, match="g does not read z"):
+        il.Root(z_, lambda x: x - 1.0, (x_,))
+
+
+def test_an_empty_batch_with_an_auto_step_is_an_empty_result():
+    """The curvature estimate of `step_size="auto"` raised a raw reshape error on a batch of 0 (a numeric step
+    returned the empty result)."""
+    y_, v_ = il.Input("y"), il.Variable("v")
+    layer = il.ImplicitLayer(il.Problem([il.Minimize(v_, lambda v, y: ((v - y) ** 2).sum(1), (v_, y_))]), y_, v_,
+                             init={"v": torch.zeros(2)})
+    assert layer(torch.zeros(0, 2)).shape == (0, 2)
