@@ -34,6 +34,7 @@ from ._ift import AdjointProblem, adjoint_solver, attach_ift
 from ._transforms import active_transforms, tangents_may_flow, vmapped_solve
 from .errors import ConvergenceWarning
 from .solvers import LinearSolver, SolveInfo, apply_failure_policy
+from .solvers._external import checked_external_result, is_own_solver
 from .solvers._info import Status
 
 if TYPE_CHECKING:
@@ -137,10 +138,15 @@ class BlockSolve:
             steps = self.system.step_sizes(w0, env)
             precond = precond if steps is None else self.system.preconditioner(w0, steps)
         with torch.no_grad():
+            options = self.solve_options()
             w_star, info = self.solver.solve(
-                lambda w: self.system.residual(w, env, steps=steps), w0, precond=precond, name=self.name,
-                **self.solve_options(),
+                lambda w: self.system.residual(w, env, steps=steps), w0, precond=precond, name=self.name, **options,
             )
+            if not is_own_solver(self.solver):  # a user's solver: its output is validated and its claims measured
+                w_star, info = checked_external_result(
+                    self.solver, lambda w: self.system.residual(w, env, steps=steps), w0, w_star, info, self.name,
+                    scale_rows=options.get("scale_rows"), hints=options.get("hints"),
+                )
             w_star = self.system.project_constrained(w_star)
             if self.system.objectives and not self.system.equations:
                 info = self._flag_non_optima(w_star, info, env)

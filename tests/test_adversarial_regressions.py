@@ -388,3 +388,37 @@ def test_an_empty_batch_with_an_auto_step_is_an_empty_result():
     layer = il.ImplicitLayer(il.Problem([il.Minimize(v_, lambda v, y: ((v - y) ** 2).sum(1), (v_, y_))]), y_, v_,
                              init={"v": torch.zeros(2)})
     assert layer(torch.zeros(0, 2)).shape == (0, 2)
+
+
+class _LyingSolver:
+    """A user's solver (the public `solve` protocol) that returns the start, or NaN, and claims convergence."""
+
+    tol, stop = 1e-6, "abs"
+
+    def __init__(self, value: str, dtype: torch.dtype | None = None) -> None:
+        self.value, self.dtype = value, dtype
+
+    def solve(self, residual_fn, w0, *, precond=None, name="solve", hints=None, scale_rows=None):
+        w = w0.clone() if self.value == "start" else torch.full_like(w0, float("nan"))
+        w = w if self.dtype is None else w.to(self.dtype)
+        batch = w.shape[0]
+        return w, il.SolveInfo(nstep=torch.ones(batch, dtype=torch.long), residual=torch.zeros(batch, dtype=w0.dtype),
+                               converged=torch.ones(batch, dtype=torch.bool), nfe=1)
+
+
+@pytest.mark.parametrize("value", ["start", "nan"])
+def test_a_user_solvers_false_convergence_claim_is_measured_and_reported(value):
+    """A custom solver that returned the start (or NaN) flagged converged was believed by `fixed_point` and the
+    layer: a wrong value, a zero or NaN gradient, no warning."""
+    sol, warned = _caught(lambda: il.fixed_point(lambda z: 0.5 * z + 1, torch.zeros(2, 3, dtype=F64), solver=_LyingSolver(value)))
+    assert not bool(sol.info.converged.any()) and warned
+    x_, z_ = il.Input("x"), il.Variable("z")
+    layer = il.ImplicitLayer(il.Problem([il.FixedPoint(z_, lambda z, x: 0.5 * z + x, (z_, x_))]), x_, z_,
+                             solver=_LyingSolver(value), init={"z": torch.zeros(2, dtype=F64)})
+    _, warned = _caught(lambda: layer(torch.ones(2, 2, dtype=F64)))
+    assert warned and not bool(layer.last_solution.info["block 0 (z)"].converged.any())
+
+
+def test_a_user_solvers_output_of_another_dtype_is_named():
+    with pytest.raises(TypeError, match="returned torch.float64 for a torch.float32 unknown"):
+        il.fixed_point(lambda z: 0.5 * z + 1, torch.zeros(2, 3), solver=_LyingSolver("start", torch.float64))

@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from ._external import checked_external_result, is_own_solver
 from ._info import SolveInfo
 from ._protocol import ResidualFn, Solver, WritesInto, is_solver
 from .anderson import Anderson
@@ -72,8 +73,11 @@ def _solve(fn, z0, solver, who: str, fixed: bool) -> FunctionalSolution:
     if not is_solver(solver):
         raise TypeError(f"{who}: solver must be an implicitlayers solver (e.g. il.Anderson()), got {type(solver).__name__}.")
     residual = _flat_residual(fn, z0.shape, who, fixed)
+    w0 = z0.detach().reshape(z0.shape[0], -1)
     with torch.no_grad():
-        w, info = solver.solve(residual, z0.detach().reshape(z0.shape[0], -1), name=who)
+        w, info = solver.solve(residual, w0, name=who)
+        if not is_own_solver(solver):  # a user's solver: its output is validated and its claims measured
+            w, info = checked_external_result(solver, residual, w0, w, info, who)
     return FunctionalSolution(value=w.reshape(z0.shape), info=info)
 
 
