@@ -390,7 +390,7 @@ class Phantom(BackwardMode):
     def _check_contraction(self, block: BlockSolve, w_star: torch.Tensor, first: torch.Tensor, last: torch.Tensor,
                            finite: torch.Tensor) -> None:
         """Warn when the damped map visibly expands at `w*`: then the phantom gradient is not an approximation
-        of the implicit one (on `z = 1.5 z + x` it was −1e5 for −2), however well the forward converged.
+        of the implicit one (on `z = 1.5 z + x` it was 7e10 for −2), however well the forward converged.
 
         A map that does not expand moves each step by at most its first, so `k` steps stay within `k` times
         the first step's length; beyond twice that (plus rounding) the steps grew. (A forward solved to the
