@@ -23,6 +23,7 @@ import torch
 from ._transforms import active_transforms, inside_functorch_transform, tangents_may_flow, vmapped_solve, with_cached_signature
 from .solvers import Anderson, SolveInfo, SolverConfig, apply_failure_policy
 from .solvers._base import IterativeSolver
+from .solvers._info import Status
 from .solvers._precision import work_dtype
 
 if TYPE_CHECKING:
@@ -371,6 +372,8 @@ class AdjointProblem:
             else:
                 x0 = self.warm_start(rhs) if (self.warm_start is not None and transpose and copies == 1) else None
                 x, info = solver.solve_linear(matvec, rhs.detach(), x0, precond=precond, name=name)
+                if not is_own_linear_solver(solver):  # a user's linear solver: checked, not trusted
+                    x, info = _checked_linear_result(solver, matvec, rhs.detach(), x, info, name)
         failed = ~info.converged
         if bool(failed.any()):
             x = torch.where(failed[:, None], torch.zeros_like(x), x)
@@ -487,3 +490,40 @@ def _reaches_leaf_other_than(t: torch.Tensor, leaf: torch.Tensor, budget: int = 
             continue
         stack.extend(next_node for next_node, _ in node.next_functions)
     return False
+
+
+def is_own_linear_solver(solver: object) -> bool:
+    """Whether `solver` is one of the package's linear solvers (which measure what they report)."""
+    from .linear import Dense, _Krylov
+    from .solvers._external import is_own_solver
+
+    return is_own_solver(solver) or isinstance(solver, (_Krylov, Dense))
+
+
+def _checked_linear_result(solver: Any, matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x: object,
+                           info: object, name: str) -> tuple[torch.Tensor, SolveInfo]:
+    """A user's linear solver's `(x, info)`, validated, with each convergence claim measured (one matvec:
+    ‖A x − b‖ against its `tol` and `stop`, or finiteness alone without a `tol`). A false claim is marked
+    failed; the caller zeroes the failed samples' gradients and reports them."""
+    who = f"{name}: the linear solver {type(solver).__name__}"
+    if not isinstance(x, torch.Tensor) or x.shape != b.shape or x.dtype != b.dtype:
+        got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{who} returned {got} for a right-hand side of {tuple(b.shape)} {b.dtype}; it must return the same.")
+    if not isinstance(info, SolveInfo) or info.converged.shape != (b.shape[0],):
+        raise TypeError(f"{who} must return an il.SolveInfo for the {b.shape[0]} samples, got {type(info).__name__}.")
+    if not bool(info.converged.any()):
+        return x, info
+    tol = getattr(solver, "tol", None)
+    tol = float(tol) if isinstance(tol, (int, float)) and not isinstance(tol, bool) else float("inf")
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(matvec(x) - b, dim=1)
+        measure = norm / (torch.linalg.vector_norm(b, dim=1) + torch.finfo(b.dtype).tiny) if getattr(solver, "stop", "rel") == "rel" else norm
+    measure = torch.nan_to_num(measure, nan=float("inf"))
+    false = info.converged & ~((measure <= tol) & (measure < float("inf")))
+    if not bool(false.any()):
+        return x, info
+    status = info.status if info.status is not None else torch.zeros_like(info.nstep)
+    return x, dataclasses.replace(
+        info, converged=info.converged & ~false, residual=torch.where(false, measure.to(info.residual.dtype), info.residual),
+        status=torch.where(false, torch.where(measure < float("inf"), int(Status.STALLED), int(Status.NONFINITE)), status),
+    )

@@ -422,3 +422,43 @@ def test_a_user_solvers_false_convergence_claim_is_measured_and_reported(value):
 def test_a_user_solvers_output_of_another_dtype_is_named():
     with pytest.raises(TypeError, match="returned torch.float64 for a torch.float32 unknown"):
         il.fixed_point(lambda z: 0.5 * z + 1, torch.zeros(2, 3), solver=_LyingSolver("start", torch.float64))
+
+
+class _UserLinearSolver:
+    """A user's `LinearSolver` (the public protocol) whose answer can be made wrong."""
+
+    def __init__(self, mode: str, tol: float | None = None) -> None:
+        self.mode = mode
+        if tol is not None:
+            self.tol, self.stop = tol, "rel"
+
+    def solve_linear(self, matvec, b, x0=None, *, precond=None, name="linear solve", hints=None):
+        x = {"nan": torch.full_like(b, float("nan")), "zero": torch.zeros_like(b), "shape": b[:, :1]}[self.mode]
+        batch = b.shape[0]
+        return x, il.SolveInfo(nstep=torch.ones(batch, dtype=torch.long), residual=torch.zeros(batch, dtype=b.dtype),
+                               converged=torch.ones(batch, dtype=torch.bool), nfe=1)
+
+
+@pytest.mark.parametrize("mode, tol", [("nan", None), ("zero", 1e-8)])
+def test_a_user_linear_solvers_false_claim_is_reported_and_its_gradient_zeroed(mode, tol):
+    """A custom linear solver in `IFT(solver=...)` returning NaN (or zeros, with a tol) flagged converged gave a
+    silent NaN (or zero) gradient."""
+    x_, z_ = il.Input("x"), il.Variable("z")
+    theta = torch.tensor(0.5, dtype=F64, requires_grad=True)
+    layer = il.ImplicitLayer(il.Problem([il.FixedPoint(z_, lambda z, x: theta * z + x, (z_, x_))]), x_, z_,
+                             backward=il.IFT(solver=_UserLinearSolver(mode, tol)), solver=il.Anderson(tol=1e-12, stop="abs"),
+                             init={"z": torch.zeros(2, dtype=F64)})
+    out = layer(torch.ones(2, 2, dtype=F64))
+    (grad,), warned = _caught(lambda: torch.autograd.grad(out.sum(), theta))
+    assert warned and float(grad) == 0.0
+
+
+def test_a_user_linear_solvers_wrong_shape_is_named():
+    x_, z_ = il.Input("x"), il.Variable("z")
+    theta = torch.tensor(0.5, dtype=F64, requires_grad=True)
+    layer = il.ImplicitLayer(il.Problem([il.FixedPoint(z_, lambda z, x: theta * z + x, (z_, x_))]), x_, z_,
+                             backward=il.IFT(solver=_UserLinearSolver("shape")), solver=il.Anderson(tol=1e-12, stop="abs"),
+                             init={"z": torch.zeros(2, dtype=F64)})
+    out = layer(torch.ones(2, 2, dtype=F64))
+    with pytest.raises(ValueError, match="the linear solver _UserLinearSolver returned"):
+        torch.autograd.grad(out.sum(), theta)
