@@ -23,7 +23,7 @@ import torch
 from ._transforms import active_transforms, inside_functorch_transform, tangents_may_flow, vmapped_solve, with_cached_signature
 from .solvers import Anderson, SolveInfo, SolverConfig, apply_failure_policy
 from .solvers._base import IterativeSolver
-from .solvers._info import Status
+from .solvers._external import solver_tol, validated, without_false_claims
 from .solvers._precision import work_dtype
 
 if TYPE_CHECKING:
@@ -505,25 +505,11 @@ def _checked_linear_result(solver: Any, matvec: Callable[[torch.Tensor], torch.T
     """A user's linear solver's `(x, info)`, validated, with each convergence claim measured (one matvec:
     ‖A x − b‖ against its `tol` and `stop`, or finiteness alone without a `tol`). A false claim is marked
     failed; the caller zeroes the failed samples' gradients and reports them."""
-    who = f"{name}: the linear solver {type(solver).__name__}"
-    if not isinstance(x, torch.Tensor) or x.shape != b.shape or x.dtype != b.dtype:
-        got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{who} returned {got} for a right-hand side of {tuple(b.shape)} {b.dtype}; it must return the same.")
-    if not isinstance(info, SolveInfo) or info.converged.shape != (b.shape[0],):
-        raise TypeError(f"{who} must return an il.SolveInfo for the {b.shape[0]} samples, got {type(info).__name__}.")
+    x, info = validated(f"{name}: the linear solver {type(solver).__name__}", x, b, info)
     if not bool(info.converged.any()):
         return x, info
-    tol = getattr(solver, "tol", None)
-    tol = float(tol) if isinstance(tol, (int, float)) and not isinstance(tol, bool) else float("inf")
     with torch.no_grad():
         norm = torch.linalg.vector_norm(matvec(x) - b, dim=1)
-        measure = norm / (torch.linalg.vector_norm(b, dim=1) + torch.finfo(b.dtype).tiny) if getattr(solver, "stop", "rel") == "rel" else norm
-    measure = torch.nan_to_num(measure, nan=float("inf"))
-    false = info.converged & ~((measure <= tol) & (measure < float("inf")))
-    if not bool(false.any()):
-        return x, info
-    status = info.status if info.status is not None else torch.zeros_like(info.nstep)
-    return x, dataclasses.replace(
-        info, converged=info.converged & ~false, residual=torch.where(false, measure.to(info.residual.dtype), info.residual),
-        status=torch.where(false, torch.where(measure < float("inf"), int(Status.STALLED), int(Status.NONFINITE)), status),
-    )
+        rel = getattr(solver, "stop", "rel") == "rel"
+        measure = norm / (torch.linalg.vector_norm(b, dim=1) + torch.finfo(b.dtype).tiny) if rel else norm
+    return x, without_false_claims(info, measure, solver_tol(solver))[0]

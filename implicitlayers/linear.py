@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from .solvers import FixedPointIteration, IterativeMethod, SolveInfo, SolverConfig, apply_failure_policy
+from .solvers._external import without_false_claims
 from .solvers._info import Status
 from .solvers._linear import linear_system
 from .solvers._loop import iterate
@@ -82,19 +83,14 @@ class _Krylov(SolverConfig):
         The methods track ‖A x − b‖ by a recurrence (GMRES from its small least-squares problem, CG from its
         residual update). On an inconsistent singular system the estimate falls below `tol` while `x` runs off
         to 1e30 and the true residual stays large; rounding drift also separates the two. A sample whose true
-        measure exceeds `tol` is reported `STALLED`; every sample's residual is its true measure.
+        measure exceeds `tol` is reported `STALLED` (`NONFINITE` for a non-finite one); every sample's residual is
+        its true measure.
         """
         norm = torch.linalg.vector_norm(r_true, dim=1, dtype=scale.dtype if scale.dtype != r_true.dtype else None)
         measure = torch.nan_to_num(norm / scale if self.stop == "rel" else norm, nan=float("inf"))
-        false = info.converged & ~(measure <= self.tol)
+        info, _ = without_false_claims(info, measure, self.tol)
         # The reported residual is the true one of the returned x (the estimate can differ by orders of magnitude).
-        residual = measure.to(info.residual.dtype)
-        if not bool(false.any()):
-            return dataclasses.replace(info, nfe=info.nfe + 1, residual=residual)
-        return dataclasses.replace(
-            info, nfe=info.nfe + 1, converged=info.converged & ~false, residual=residual,
-            status=torch.where(false, int(Status.STALLED), 0 if info.status is None else info.status),
-        )
+        return dataclasses.replace(info, nfe=info.nfe + 1, residual=measure.to(info.residual.dtype))
 
     def _check_precond(self, who: str, precond: torch.Tensor | None) -> None:
         """Reject a preconditioner the method cannot use (nothing by default)."""
